@@ -1,0 +1,120 @@
+"""The `kubetune` command. Subcommands import the trainer or operator only when they need them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kubetune.validate import SpecError, load_job, load_jobs
+
+
+def _validate(args: argparse.Namespace) -> int:
+    bad = 0
+    for path in args.files:
+        try:
+            jobs = load_jobs(path)
+        except SpecError as e:
+            for problem in e.problems:
+                print(problem, file=sys.stderr)
+            bad += 1
+            continue
+        if not args.quiet:
+            for job in jobs:
+                print(
+                    f"{path}: {job.metadata.name}: valid ({job.spec.method}, {job.spec.pet_config.pet_type})"
+                )
+    return 1 if bad else 0
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from kubetune.crd import render_crd_yaml
+
+    sys.stdout.write(render_crd_yaml())
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubetune_operator.render import render_job
+
+    docs = []
+    for path in args.files:
+        for job in load_jobs(path):
+            if args.namespace:
+                job.metadata.namespace = args.namespace
+            docs += render_job(job, attempt=args.attempt)
+    sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False, width=120))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kubetune_trainer.launch import run_local
+
+    return run_local(
+        args.file, nproc_per_node=args.nproc_per_node, output=args.output, max_steps=args.max_steps
+    )
+
+
+def _inspect_data(args: argparse.Namespace) -> int:
+    from kubetune_trainer.inspect_data import inspect_data
+
+    inspect_data(load_job(args.file), samples=args.samples)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from kubetune_trainer.progress import print_status
+
+    return print_status(load_job(args.file))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check FineTuneJob YAML files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    p.set_defaults(func=_crd)
+
+    p = sub.add_parser("render", help="print the Kubernetes objects the operator creates for a job")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--attempt", type=int, default=1)
+    p.add_argument("-n", "--namespace", default=None)
+    p.set_defaults(func=_render)
+
+    p = sub.add_parser("run", help="run a FineTuneJob locally with torchrun (no cluster)")
+    p.add_argument("file")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="default: the spec's, else GPUs or 1")
+    p.add_argument("--output", default=None, help="override spec.output.uri")
+    p.add_argument("--max-steps", type=int, default=None, help="override spec.training.max_steps")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("inspect-data", help="show rendered training samples with the trained span marked")
+    p.add_argument("file")
+    p.add_argument("-n", "--samples", type=int, default=3)
+    p.set_defaults(func=_inspect_data)
+
+    p = sub.add_parser("status", help="print a job's progress.json from its output store")
+    p.add_argument("file")
+    p.set_defaults(func=_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

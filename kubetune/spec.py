@@ -1,0 +1,630 @@
+"""The FineTuneJob API (kubetune.io/v1alpha1): one pydantic model, the single source of truth.
+
+The CRD schema (`kubetune crd`), `kubetune validate`, the operator and the trainer all read it.
+Field names follow the words users already know from the seeds (pet_config, lora_rank, ...).
+Descriptions become `kubectl explain` text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kubetune.uris import CRD_PATTERN, parse_uri
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["kubetune", "ml"]
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+
+
+class _Model(BaseModel):
+    # strict: YAML `rank: "8"` is a mistake worth reporting, not coercing.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False, populate_by_name=True)
+
+
+def _uri_field(description: str, **kw: Any) -> Any:
+    return Field(description=description, json_schema_extra={"pattern": CRD_PATTERN}, **kw)
+
+
+def _check_uri(value: str | None) -> str | None:
+    if value is not None:
+        parse_uri(value)
+    return value
+
+
+# ---------------------------------------------------------------- model
+
+
+class ModelSource(_Model):
+    uri: str = _uri_field(
+        "Base model in Hugging Face layout (config.json + safetensors): s3://bucket/prefix, "
+        "file:///path or a plain path, pvc://claim/path, or hf://org/name where the hub is reachable."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// models.")
+    tokenizer_uri: str | None = _uri_field(
+        "Tokenizer location when it differs from the model's.", default=None
+    )
+    adapter_uri: str | None = _uri_field(
+        "A LoRA adapter (e.g. a kubetune SFT output .../final/adapter) loaded onto the base and trained "
+        "further: how DPO starts from an SFT adapter.",
+        default=None,
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Off unless needed."
+    )
+
+    _uris = field_validator("uri", "tokenizer_uri", "adapter_uri")(_check_uri)
+
+
+# ---------------------------------------------------------------- dataset
+
+DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
+
+
+class ColumnMapping(_Model):
+    """Names of the columns in the user's data, when they differ from the format's defaults."""
+
+    instruction: str | None = Field(
+        None, description="alpaca: the instruction column (default 'instruction')."
+    )
+    input: str | None = Field(None, description="alpaca: the optional input column (default 'input').")
+    output: str | None = Field(None, description="alpaca: the response column (default 'output').")
+    system: str | None = Field(
+        None, description="alpaca/sharegpt: a per-row system prompt column (default 'system')."
+    )
+    history: str | None = Field(
+        None, description="alpaca: earlier [instruction, response] turns (default 'history')."
+    )
+    conversations: str | None = Field(
+        None, description="sharegpt: the turns column (default 'conversations')."
+    )
+    messages: str | None = Field(None, description="messages: the turns column (default 'messages').")
+    text: str | None = Field(None, description="text (pre-training): the text column (default 'text').")
+    prompt: str | None = Field(None, description="preference: the prompt column (default 'prompt').")
+    chosen: str | None = Field(
+        None, description="preference: the preferred answer column (default 'chosen')."
+    )
+    rejected: str | None = Field(
+        None, description="preference: the dispreferred answer column (default 'rejected')."
+    )
+
+
+class DataSource(_Model):
+    uri: str = _uri_field(
+        "Data file or directory: JSON, JSONL, parquet, CSV, plain text (.txt) or a `datasets` save_to_disk "
+        "directory; s3://, file://, pvc:// or a path."
+    )
+    format: DatasetFormat = Field(
+        "auto",
+        description="Row format. auto: text for pretrain, preference for dpo, and for sft alpaca, sharegpt or "
+        "messages as detected from the columns.",
+    )
+    columns: ColumnMapping | None = Field(
+        None, description="Column names when they differ from the format's defaults."
+    )
+
+    _uris = field_validator("uri")(_check_uri)
+
+
+class MixSource(DataSource):
+    ratio: float = Field(
+        description="Share of the training samples drawn from this source (0 < ratio < 1).", gt=0, lt=1
+    )
+
+
+class Dataset(DataSource):
+    system_prompt: str | None = Field(None, description="System prompt put before every conversation.")
+    apply_chat_template: bool = Field(
+        False,
+        description="Render conversations with the tokenizer's own chat template; otherwise kubetune's ChatML default.",
+    )
+    validation_split: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of rows held out for evaluation loss (0 disables evaluation)."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="A malformed row stops the job with its file, row and field named, or is skipped and counted.",
+    )
+    streaming: bool = Field(
+        False, description="pretrain: read text lazily instead of loading it into memory."
+    )
+    mix: list[MixSource] = Field(
+        default_factory=list,
+        description="Other sources mixed into the training data by ratio (e.g. SFT data into pretrain).",
+    )
+
+
+# ---------------------------------------------------------------- method
+
+
+class Quantization(_Model):
+    bits: Literal[4, 8] = Field(4, description="Load the frozen base in 4-bit or 8-bit (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(
+        True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the de-quantized matmuls; auto follows training.precision."
+    )
+
+
+PetType = Literal["none", "full", "freeze", "lora", "qlora"]
+
+
+class PetConfig(_Model):
+    pet_type: PetType = Field(
+        "lora",
+        description="none/full: train every weight. freeze: train only the last layers or named modules. "
+        "lora: low-rank adapters on a frozen base. qlora: lora on a 4/8-bit quantized base.",
+    )
+    lora_rank: int = Field(8, ge=1, le=4096, description="LoRA rank r.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha (update scaled by alpha/r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: a regex over module names such as '.*q_proj|.*v_proj', "
+        "a list of names, or 'all-linear'.",
+        json_schema_extra={"x-kubetune-string-or-list": True},
+    )
+    freeze_trainable_layers: int = Field(
+        2, ge=1, description="freeze: number of last decoder layers left trainable."
+    )
+    freeze_trainable_modules: list[str] = Field(
+        default_factory=list,
+        description="freeze: module name patterns left trainable instead of the last layers.",
+    )
+    quantization: Quantization | None = Field(None, description="qlora: how the frozen base is quantized.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, v: str | list[str]) -> str | list[str]:
+        import re
+
+        if isinstance(v, list):
+            if not v or any(not m.strip() for m in v):
+                raise ValueError("must be a non-empty list of module names")
+        elif v != "all-linear":
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"is not a valid regex: {e}") from None
+        return v
+
+
+# ---------------------------------------------------------------- training
+
+
+class Training(_Model):
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    num_train_epochs: float = Field(
+        3.0, gt=0, description="Passes over the training data (ignored when max_steps is set)."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Total optimizer steps; overrides num_train_epochs."
+    )
+    per_device_train_batch_size: int = Field(1, ge=1, description="Samples per process per micro-step.")
+    per_device_eval_batch_size: int = Field(1, ge=1, description="Samples per process per evaluation step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    seq_length: int = Field(
+        1024, ge=8, le=1048576, description="Maximum tokens per sample (longer samples are truncated)."
+    )
+    packing: bool = Field(
+        False, description="Pack several samples into one sequence; samples never attend to each other."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Weights/compute precision. auto: bf16 on GPUs that support it, else fp32."
+    )
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = Field(
+        "adamw_torch", description="Optimizer."
+    )
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps used for linear warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides warmup_ratio when > 0).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    seed: int = Field(42, ge=0, description="Seed for weights init of adapters, data order and dropout.")
+    logging_steps: int = Field(1, ge=1, description="Log loss every N optimizer steps.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps (default: once per epoch)."
+    )
+    dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes per rank.")
+    dpo_beta: float = Field(
+        0.1, gt=0, description="dpo: strength of the pull toward the reference model (0.1 to 0.5)."
+    )
+    dpo_loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="dpo: preference loss.")
+    dpo_sft_weight: float = Field(
+        0.0, ge=0, description="dpo: weight of an added SFT loss on the chosen answers."
+    )
+
+
+# ---------------------------------------------------------------- cluster
+
+
+class ParallelConfig(_Model):
+    nnodes: int = Field(1, ge=1, description="Nodes (pods) in the gang.")
+    nproc_per_node: int | None = Field(
+        None, ge=1, description="Processes per node; default: GPUs per node, or 1 on CPU."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: replicate the model; fsdp: shard weights, gradients and optimizer (full fine-tuning).",
+    )
+    max_worker_restarts: int = Field(
+        1,
+        ge=0,
+        description="torchrun --max-restarts: in-pod restarts of crashed worker processes before the pod fails.",
+    )
+
+
+class Resources(_Model):
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per node.")
+    cpu: str = Field("4", description="CPU request and limit per node (Kubernetes quantity).")
+    memory: str = Field("16Gi", description="Memory request and limit per node (Kubernetes quantity).")
+    shm_size: str = Field("2Gi", description="Size of /dev/shm for data-loader workers and NCCL.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity.")
+    priority_class_name: str | None = Field(None, description="Pod priorityClassName.")
+    service_account_name: str | None = Field(None, description="Service account of the trainer pods.")
+
+    @field_validator("cpu", "memory", "shm_size")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", v):
+            raise ValueError(f"is not a Kubernetes quantity such as '4', '500m' or '16Gi', got {v!r}")
+        return v
+
+
+_INLINE_SECRET_KEYS = {
+    "access_key", "access_key_id", "secret_key", "secret_access_key", "aws_access_key_id",
+    "aws_secret_access_key", "session_token", "password", "token", "secret",
+}  # fmt: skip
+
+
+class S3Storage(_Model):
+    endpoint: str | None = Field(
+        None, description="S3 endpoint URL for MinIO, SeaweedFS, Ceph RGW ...; empty for AWS."
+    )
+    region: str = Field("us-east-1", description="S3 region.")
+    credentials_secret: str | None = Field(
+        None,
+        description="Secret in the job's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "(optionally AWS_SESSION_TOKEN). Omit to use the pod's own identity (IRSA, workload identity).",
+    )
+    addressing_style: Literal["auto", "path", "virtual"] = Field("path", description="S3 addressing style.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if str(key).lower() in _INLINE_SECRET_KEYS:
+                    raise ValueError(
+                        f"inline credentials ({key!r}) are not allowed; store them in a Secret and set credentials_secret"
+                    )
+        return data
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        return v
+
+
+class Storage(_Model):
+    s3: S3Storage | None = Field(None, description="How to reach s3:// URIs.")
+
+
+class Checkpoint(_Model):
+    uri: str | None = _uri_field("Where checkpoints go; default <output.uri>/checkpoints.", default=None)
+    every_steps: int = Field(100, ge=1, description="Save a checkpoint every N optimizer steps.")
+    every_minutes: float | None = Field(
+        None, gt=0, description="Also save when this many minutes passed since the last save."
+    )
+    keep_last: int = Field(
+        2, ge=1, description="Committed checkpoints kept; older ones are pruned (never the newest)."
+    )
+    sigterm_grace_seconds: int = Field(
+        25,
+        ge=5,
+        le=3600,
+        description="On SIGTERM (preemption), time allowed to save and commit a checkpoint.",
+    )
+    on_spec_change: Literal["refuse", "start_over"] = Field(
+        "refuse",
+        description="When the newest checkpoint was made by a different model/method/data spec: refuse to resume, "
+        "or ignore old checkpoints and start over.",
+    )
+
+    _uris = field_validator("uri")(_check_uri)
+
+
+class Output(_Model):
+    uri: str = _uri_field(
+        "The job's output prefix: final/ (adapter and merged model), progress.json, metrics.jsonl, loss.png "
+        "and, by default, checkpoints/."
+    )
+    merge_adapter: bool = Field(
+        False, description="Also write the base model with the adapter merged in (final/merged)."
+    )
+
+    _uris = field_validator("uri")(_check_uri)
+
+
+class RestartPolicy(_Model):
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Gang restarts after failures before the job is Failed (preemptions do not count).",
+    )
+    backoff_seconds: int = Field(10, ge=0, description="Wait before the first restart; doubles each restart.")
+    max_backoff_seconds: int = Field(300, ge=0, description="Upper bound of the restart wait.")
+    unknown_timeout_seconds: int = Field(
+        300, ge=10, description="A pod stuck in phase Unknown this long counts as failed."
+    )
+
+
+Method = Literal["sft", "dpo", "pretrain"]
+
+
+class FineTuneJobSpec(_Model):
+    model: ModelSource = Field(description="The base model.")
+    dataset: Dataset = Field(description="The training data.")
+    method: Method = Field(
+        "sft",
+        description="sft: supervised fine-tuning; dpo: preference optimisation; pretrain: continued pre-training.",
+    )
+    pet_config: PetConfig = Field(
+        default_factory=PetConfig, description="Which weights train: full, freeze, LoRA or QLoRA."
+    )
+    training: Training = Field(default_factory=Training, description="Training hyper-parameters.")
+    parallel_config: ParallelConfig = Field(
+        default_factory=ParallelConfig, description="Gang shape and parallelism."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Per-node resources and scheduling.")
+    image: str = Field(DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Trainer image pull policy."
+    )
+    storage: Storage = Field(default_factory=Storage, description="Object store settings for s3:// URIs.")
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Checkpointing and resume.")
+    output: Output = Field(description="Where results go.")
+    restart_policy: RestartPolicy = Field(
+        default_factory=RestartPolicy, description="Gang restarts on failure."
+    )
+    suspend: bool = Field(
+        False,
+        description="true: delete the pods and keep checkpoints; false again: resume (Kueue's protocol).",
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FineTuneJobSpec:
+        problems = [(rule.path, rule.message) for rule in CROSS_FIELD_RULES if not rule.check(self)]
+        if problems:
+            raise CrossFieldError(problems)
+        return self
+
+    def checkpoint_uri(self) -> str:
+        return self.checkpoint.uri or f"{self.output.uri.rstrip('/')}/checkpoints"
+
+    def dataset_format(self) -> str:
+        """The dataset format with `auto` resolved by method where the method decides it."""
+        fmt = self.dataset.format
+        if fmt == "auto" and self.method == "pretrain":
+            return "text"
+        if fmt == "auto" and self.method == "dpo":
+            return "preference"
+        return fmt
+
+    def training_hash(self) -> str:
+        """Hash of the fields that change what a checkpoint means (model, data, method, weights trained)."""
+        keep = self.model_dump(
+            include={"model", "dataset", "method", "pet_config"},
+            mode="json",
+        )
+        keep["training"] = self.training.model_dump(
+            include={"seq_length", "packing", "seed", "precision", "dpo_beta", "dpo_loss_type"}, mode="json"
+        )
+        keep["parallel_strategy"] = self.parallel_config.strategy
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- cross-field rules
+#
+# Each rule is stated once, in CEL for the API server and in Python for `kubetune validate`;
+# a test evaluates both on the same objects so they cannot drift.
+
+
+class CrossFieldError(ValueError):
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
+
+
+class Rule:
+    def __init__(self, scope: str, path: str, cel: str, message: str, check: Any) -> None:
+        self.scope = scope  # where the CEL rule sits in the CRD: "spec" or a field under it
+        self.path = path  # the field the message is about
+        self.cel = cel
+        self.message = message
+        self.check = check
+
+
+_PREF_FORMATS = ("auto", "preference")
+_CHAT_FORMATS = ("alpaca", "sharegpt", "messages")
+
+CROSS_FIELD_RULES: list[Rule] = [
+    Rule(
+        "spec.pet_config", "spec.pet_config.quantization",
+        "self.pet_type != 'qlora' || has(self.quantization)",
+        "pet_type qlora needs a quantization block (bits: 4 or 8)",
+        lambda s: s.pet_config.pet_type != "qlora" or s.pet_config.quantization is not None,
+    ),
+    Rule(
+        "spec.pet_config", "spec.pet_config.quantization",
+        "!has(self.quantization) || self.pet_type == 'qlora'",
+        "quantization is only used with pet_type qlora",
+        lambda s: s.pet_config.quantization is None or s.pet_config.pet_type == "qlora",
+    ),
+    Rule(
+        "spec", "spec.dataset.format",
+        "self.method != 'dpo' || !has(self.dataset.format) || self.dataset.format in ['auto', 'preference']",
+        "method dpo needs a preference dataset (prompt/chosen/rejected); set dataset.format to preference",
+        lambda s: s.method != "dpo" or s.dataset.format in _PREF_FORMATS,
+    ),
+    Rule(
+        "spec", "spec.dataset.format",
+        "self.method == 'dpo' || !has(self.dataset.format) || self.dataset.format != 'preference'",
+        "a preference dataset needs method dpo",
+        lambda s: s.method == "dpo" or s.dataset.format != "preference",
+    ),
+    Rule(
+        "spec", "spec.dataset.columns.text",
+        "self.method != 'pretrain' || !has(self.dataset.format) || !(self.dataset.format in ['alpaca', 'sharegpt', "
+        "'messages', 'preference']) || (has(self.dataset.columns) && has(self.dataset.columns.text))",
+        "method pretrain reads plain text; use format text or map a text column (dataset.columns.text)",
+        lambda s: s.method != "pretrain"
+        or s.dataset.format not in (*_CHAT_FORMATS, "preference")
+        or (s.dataset.columns is not None and s.dataset.columns.text is not None),
+    ),
+    Rule(
+        "spec", "spec.dataset.format",
+        "self.method != 'sft' || !has(self.dataset.format) || self.dataset.format != 'text'",
+        "method sft needs conversations (alpaca, sharegpt or messages); use method pretrain for plain text",
+        lambda s: s.method != "sft" or s.dataset.format != "text",
+    ),
+    Rule(
+        "spec", "spec.parallel_config.strategy",
+        "!has(self.parallel_config) || !has(self.parallel_config.strategy) || self.parallel_config.strategy != 'fsdp' "
+        "|| !has(self.pet_config) || !has(self.pet_config.pet_type) || self.pet_config.pet_type != 'qlora'",
+        "strategy fsdp is not supported with qlora; use ddp",
+        lambda s: s.parallel_config.strategy != "fsdp" or s.pet_config.pet_type != "qlora",
+    ),
+    Rule(
+        "spec.restart_policy", "spec.restart_policy.max_backoff_seconds",
+        "!has(self.max_backoff_seconds) || !has(self.backoff_seconds) || self.max_backoff_seconds >= self.backoff_seconds",
+        "max_backoff_seconds must be >= backoff_seconds",
+        lambda s: s.restart_policy.max_backoff_seconds >= s.restart_policy.backoff_seconds,
+    ),
+]  # fmt: skip
+
+# Rules that change a running job's meaning: the API server rejects edits (transition rules).
+IMMUTABLE_FIELDS = (
+    "model",
+    "dataset",
+    "method",
+    "pet_config",
+    "training",
+    "parallel_config",
+    "checkpoint",
+    "output",
+)
+
+
+# ---------------------------------------------------------------- status
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="Ready, Reconciling, Stalled, Running, Succeeded, Failed or Suspended.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    lastTransitionTime: str | None = Field(None, description="When status last changed (RFC 3339).")
+    observedGeneration: int | None = Field(None, description="Generation the condition was computed for.")
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    step: int = Field(0, description="Optimizer steps done.")
+    total_steps: int = Field(0, description="Optimizer steps in the run.")
+    percent: int = Field(0, description="step / total_steps in percent.")
+    epoch: float = Field(0.0, description="Epochs done (fractional).")
+    loss: float | None = Field(None, description="Latest training loss.")
+    tokens_per_second: float | None = Field(None, description="Training throughput over the whole gang.")
+    eta_seconds: float | None = Field(None, description="Estimated seconds to the end.")
+    state: str | None = Field(None, description="Trainer state: running, saving, done, failed.")
+
+
+class CheckpointRef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    uri: str = Field(description="URI of the newest committed checkpoint.")
+    step: int = Field(description="Its global step.")
+
+
+Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
+
+
+class FineTuneJobStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    phase: Phase | None = Field(
+        None, description="Pending, Running, Restarting, Succeeded, Failed or Suspended."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="kstatus conditions plus job conditions."
+    )
+    observedGeneration: int | None = Field(None, description="The spec generation this status reflects.")
+    attempt: int = Field(0, description="Current gang attempt (1 for the first).")
+    restarts: int = Field(0, description="Gang restarts after failures (preemptions excluded).")
+    preemptions: int = Field(0, description="Gang restarts after preemption (exit 'preempted, resumable').")
+    last_restart_reason: str | None = Field(None, description="Why the gang last restarted.")
+    progress: Progress | None = Field(
+        None, description="Training progress read from the trainer's progress.json."
+    )
+    last_checkpoint: CheckpointRef | None = Field(None, description="The newest committed checkpoint.")
+    output: str | None = Field(None, description="Where the final model was written, once Succeeded.")
+    start_time: str | None = Field(None, description="When the first attempt started.")
+    completion_time: str | None = Field(None, description="When the job Succeeded or Failed.")
+    message: str | None = Field(None, description="Latest human-readable message.")
+
+
+# ---------------------------------------------------------------- the resource
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    apiVersion: Literal["kubetune.io/v1alpha1"]
+    kind: Literal["FineTuneJob"]
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+
+__all__ = [
+    "API_VERSION", "KIND", "FineTuneJob", "FineTuneJobSpec", "FineTuneJobStatus", "CROSS_FIELD_RULES",
+    "IMMUTABLE_FIELDS",
+]  # fmt: skip

@@ -1,0 +1,248 @@
+"""Load FineTuneJob YAML and turn every problem into one line naming the document and field."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kubetune.spec import API_VERSION, KIND, CrossFieldError, FineTuneJob
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `2e-4` as a float, as Kubernetes does (PyYAML's YAML 1.1 reads a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml_documents(text: str) -> list[Any]:
+    """All YAML documents in `text` (empty documents dropped)."""
+    return [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+
+
+@dataclass
+class Problem:
+    document: str  # "job.yaml#1 (name)"
+    path: str  # "spec.pet_config.lora_rank" or "" for the whole document
+    message: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.document}: {self.path}: {self.message}"
+            if self.path
+            else f"{self.document}: {self.message}"
+        )
+
+
+class SpecError(ValueError):
+    """A FineTuneJob that does not validate; `problems` holds one entry per issue."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (for "did you mean")."""
+    import typing
+
+    model: Any = FineTuneJob
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            if isinstance(part, int):
+                continue
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _first_model(field.annotation, typing)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _first_model(tp: Any, typing: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _first_model(arg, typing)
+        if found is not None:
+            return found
+    return None
+
+
+_TYPE_NAMES = {
+    "int_type": "an integer", "int_parsing": "an integer", "float_type": "a number", "float_parsing": "a number",
+    "string_type": "a string", "bool_type": "true or false", "bool_parsing": "true or false",
+    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping", "list_type": "a list",
+}  # fmt: skip
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        model = _model_at(err["loc"])
+        name = str(err["loc"][-1])
+        hint = ""
+        if model is not None:
+            close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean {close[0]!r}?"
+        return f"unknown field{hint}"
+    if kind in _TYPE_NAMES:
+        return f"must be {_TYPE_NAMES[kind]}, got {_describe(value)}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}, got {value!r}"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}, got {value!r}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}, got {value!r}"
+    if kind == "less_than":
+        return f"must be < {ctx['lt']}, got {value!r}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}, got {value!r}"
+    if kind in ("string_too_short", "too_short"):
+        return "must not be empty"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx['pattern']}, got {value!r}"
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        return msg
+    return err["msg"]
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
+        elif p in ("str", "list[str]", "function-after[_modules(), union[str,list[str]]]"):
+            continue  # union member tags added by pydantic
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
+
+
+def problems_of(doc: Any, where: str) -> list[Problem]:
+    """Every problem of one parsed YAML document, [] when it is a valid FineTuneJob."""
+    if not isinstance(doc, dict):
+        return [Problem(where, "", f"a FineTuneJob must be a YAML mapping, got {_describe(doc)}")]
+    name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
+    label = f"{where} ({name})" if name else where
+    if doc.get("apiVersion") != API_VERSION or doc.get("kind") != KIND:
+        return [
+            Problem(
+                label,
+                "",
+                f"not a FineTuneJob: apiVersion/kind must be {API_VERSION}/{KIND}, "
+                f"got {doc.get('apiVersion')!r}/{doc.get('kind')!r}",
+            )
+        ]
+    try:
+        FineTuneJob.model_validate(doc)
+    except ValidationError as e:
+        out: list[Problem] = []
+        seen: set[tuple[str, str]] = set()
+        for err in e.errors():
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, CrossFieldError):
+                items = cause.problems
+            else:
+                items = [(_path(err["loc"]), _message(err))]
+            for path, msg in items:
+                if (path, msg) not in seen:
+                    seen.add((path, msg))
+                    out.append(Problem(label, path, msg))
+        # A union (str | list) reports one error per member; keep one line per field.
+        return _collapse_union_noise(out)
+    return []
+
+
+def _collapse_union_noise(problems: list[Problem]) -> list[Problem]:
+    by_path: dict[str, list[Problem]] = {}
+    for p in problems:
+        by_path.setdefault(p.path, []).append(p)
+    out = []
+    for p in problems:
+        group = by_path[p.path]
+        if len(group) > 1 and all(g.message.startswith("must be ") for g in group):
+            if p is group[0]:
+                kinds = " or ".join(g.message.split(",")[0].removeprefix("must be ") for g in group)
+                out.append(
+                    Problem(
+                        p.document, p.path, f"must be {kinds}, got {group[0].message.split('got ', 1)[-1]}"
+                    )
+                )
+            continue
+        out.append(p)
+    return out
+
+
+def load_jobs_text(text: str, source: str = "<input>") -> list[FineTuneJob]:
+    """Parse and validate every document; raise SpecError listing every problem."""
+    try:
+        docs = load_yaml_documents(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError([Problem(source, "", f"not valid YAML{where}: {reason}")]) from None
+    if not docs:
+        raise SpecError([Problem(source, "", "empty file: no FineTuneJob found")])
+    problems: list[Problem] = []
+    jobs: list[FineTuneJob] = []
+    for i, doc in enumerate(docs, 1):
+        where = source if len(docs) == 1 else f"{source}#{i}"
+        found = problems_of(doc, where)
+        if found:
+            problems += found
+        else:
+            jobs.append(FineTuneJob.model_validate(doc))
+    if problems:
+        raise SpecError(problems)
+    return jobs
+
+
+def load_jobs(path: str | Path) -> list[FineTuneJob]:
+    """Every FineTuneJob in a YAML file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(
+            [Problem(str(p), "", f"cannot read: {e.strerror if isinstance(e, OSError) else e}")]
+        ) from None
+    return load_jobs_text(text, str(p))
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    """The single FineTuneJob in a YAML file."""
+    jobs = load_jobs(path)
+    if len(jobs) != 1:
+        raise SpecError([Problem(str(path), "", f"expected one FineTuneJob, found {len(jobs)}")])
+    return jobs[0]

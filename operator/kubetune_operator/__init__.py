@@ -1,0 +1,1 @@
+"""The kubetune operator: reconciles FineTuneJobs into torchrun pod gangs (no torch needed)."""
