@@ -1,0 +1,37 @@
+"""Names shared by the operator, the trainer and the pods they agree on (no heavy imports)."""
+
+from __future__ import annotations
+
+# Where the rendered ConfigMap puts the job inside every trainer pod.
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_FILE = "job.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+
+# Exit code of a trainer pod that was preempted (SIGTERM) after committing a checkpoint:
+# the gang can be restarted without counting a failure (75 = EX_TEMPFAIL, "try again").
+EXIT_PREEMPTED = 75
+
+# torchrun c10d rendezvous port on node rank 0.
+RDZV_PORT = 29500
+
+# Labels on every object the operator creates.
+LABEL_JOB = "kubetune.io/job"
+LABEL_ATTEMPT = "kubetune.io/attempt"
+LABEL_RANK = "kubetune.io/rank"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "kubetune"
+
+# Environment the operator sets in trainer pods.
+ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
+ENV_JOB_NAME = "KUBETUNE_JOB_NAME"
+ENV_CACHE_DIR = "KUBETUNE_CACHE_DIR"  # local scratch for downloaded models, checkpoints
+
+# Layout under spec.output.uri.
+PROGRESS_FILE = "progress.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+FINAL_DIR = "final"
+ADAPTER_DIR = "final/adapter"
+MERGED_DIR = "final/merged"
+CHECKPOINTS_DIR = "checkpoints"
+COMMITTED_FILE = "COMMITTED"
