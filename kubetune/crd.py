@@ -51,6 +51,7 @@ def _structural(node: dict[str, Any], name: str = "") -> dict[str, Any]:
         merged = {**options[0], **node}
         if merged.get("default", 0) is None:
             merged.pop("default")
+            merged["x-kubetune-absent-by-default"] = True  # Optional: no `default: {}` for it
         return _structural(merged, name)
     if "const" in node:
         node["enum"] = [node.pop("const")]
@@ -68,7 +69,14 @@ def _structural(node: dict[str, Any], name: str = "") -> dict[str, Any]:
             node["properties"] = {k: _structural(v, k) for k, v in props.items()}
             node.pop("additionalProperties", None)
             for k, v in node["properties"].items():
-                if v.get("type") == "object" and k not in node.get("required", []) and "properties" in v:
+                absent = v.pop("x-kubetune-absent-by-default", False)
+                # Sub-blocks with defaults are materialised so the API server fills their fields too.
+                if (
+                    v.get("type") == "object"
+                    and "properties" in v
+                    and k not in node.get("required", [])
+                    and not absent
+                ):
                     v.setdefault("default", {})
         else:
             extra = node.get("additionalProperties")
