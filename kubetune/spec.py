@@ -557,6 +557,7 @@ class Progress(BaseModel):
     step: int = Field(0, description="Optimizer steps done.")
     total_steps: int = Field(0, description="Optimizer steps in the run.")
     percent: int = Field(0, description="step / total_steps in percent.")
+    summary: str | None = Field(None, description="Short form for `kubectl get`, e.g. '40% (120/300)'.")
     epoch: float = Field(0.0, description="Epochs done (fractional).")
     loss: float | None = Field(None, description="Latest training loss.")
     tokens_per_second: float | None = Field(None, description="Training throughput over the whole gang.")
