@@ -35,9 +35,7 @@ def _crd(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    import yaml
-
-    from kubetune_operator.render import render_job
+    from kubetune_operator.render import render_job, to_yaml
 
     docs = []
     for path in args.files:
@@ -45,7 +43,7 @@ def _render(args: argparse.Namespace) -> int:
             if args.namespace:
                 job.metadata.namespace = args.namespace
             docs += render_job(job, attempt=args.attempt)
-    sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False, width=120))
+    sys.stdout.write(to_yaml(docs))
     return 0
 
 

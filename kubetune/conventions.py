@@ -26,6 +26,10 @@ ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
 ENV_JOB_NAME = "KUBETUNE_JOB_NAME"
 ENV_CACHE_DIR = "KUBETUNE_CACHE_DIR"  # local scratch for downloaded models, checkpoints
 
+# Where trainer pods find the job's S3 credentials Secret (keys as files), and the variable naming it.
+S3_CREDENTIALS_DIR = "/var/run/secrets/kubetune/s3"
+ENV_S3_CREDENTIALS_DIR = "KUBETUNE_S3_CREDENTIALS_DIR"
+
 # Layout under spec.output.uri.
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
