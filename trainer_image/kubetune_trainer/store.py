@@ -108,6 +108,10 @@ class ObjectStore(ABC):
         """Size of `key` in bytes. ObjectNotFound if absent."""
 
     # -- built from the primitives (backends may do better)
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: size in bytes} for every object whose key starts with `prefix` (one listing on S3)."""
+        return {k: self.size(k) for k in self.list(prefix)}
+
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Names of the immediate 'subdirectories' under `prefix` (e.g. ["step-00000100", ...]), sorted."""
         prefix = _clean_key(prefix)
@@ -226,6 +230,10 @@ class _SubStore(ObjectStore):
     def delete_prefix(self, prefix: str) -> int:
         base = self.prefix + "/" if self.prefix else ""
         return self.parent.delete_prefix(base + _clean_key(prefix))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        base = self.prefix + "/" if self.prefix else ""
+        return {k[len(base) :]: v for k, v in self.parent.sizes(base + _clean_key(prefix)).items()}
 
 
 # ---------------------------------------------------------------- local files (file://, paths, pvc://)
@@ -585,41 +593,26 @@ class S3Store(ObjectStore):
 
         return self._call("read", key, get)
 
-    def list(self, prefix: str = "") -> list[str]:
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         if prefix.endswith("/") and not full.endswith("/"):
             full += "/"
         base = self.prefix + "/" if self.prefix else ""
 
-        def run() -> list[str]:
-            out = []
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=full
-            ):
+        def run() -> dict[str, int]:
+            out = {}
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
                 for obj in page.get("Contents", []):
                     k = obj["Key"]
                     if k.startswith(base) and not k.endswith("/"):
-                        out.append(k[len(base) :])
-            return sorted(out)
+                        out[k[len(base) :]] = int(obj["Size"])
+            return dict(sorted(out.items()))
 
         return self._call("list", prefix, run)
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
-        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
-        if full and not full.endswith("/"):
-            full += "/"
-
-        def run() -> list[str]:
-            names = set()
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=full, Delimiter="/"
-            )
-            for page in pages:
-                for cp in page.get("CommonPrefixes", []):
-                    names.add(cp["Prefix"][len(full) :].rstrip("/"))
-            return sorted(n for n in names if n)
-
-        return self._call("list", prefix, run)
+    def list(self, prefix: str = "") -> list[str]:
+        return list(self.sizes(prefix))
 
     def _head(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError

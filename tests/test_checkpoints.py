@@ -1,0 +1,312 @@
+"""Checkpoint commit protocol, choosing what to resume from, pruning, the background uploader, progress.json.
+
+All against the real S3 server (SeaweedFS) unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kubetune_trainer import checkpoints as ck
+from kubetune_trainer.progress import ProgressWriter, format_progress, print_status, read_progress
+from kubetune_trainer.store import open_store
+from kubetune_trainer.uploader import CheckpointUploader
+
+HASH = "aaaabbbbccccdddd"
+
+
+def fake_checkpoint(root: Path, step: int, world_size: int = 2, big: int = 50_000) -> Path:
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_model.safetensors").write_bytes(os.urandom(big))
+    (d / "optimizer.pt").write_bytes(os.urandom(big // 2))
+    (d / "scheduler.pt").write_bytes(b"sched" * 10)
+    for r in range(world_size):
+        (d / f"rng_state_{r}.pth").write_bytes(os.urandom(100))
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return d
+
+
+@pytest.fixture
+def ckstore(s3):
+    return s3.store("jobs/j/checkpoints")
+
+
+def commit_steps(store, tmp_path, steps, spec_hash=HASH, world_size=2):
+    out = {}
+    for s in steps:
+        d = fake_checkpoint(tmp_path / "local", s, world_size)
+        out[s] = ck.commit(
+            store, d, step=s, world_size=world_size, spec_hash=spec_hash, extra={"strategy": "ddp"}
+        )
+    return out
+
+
+def test_commit_layout_and_manifest(ckstore, s3, tmp_path):
+    d = fake_checkpoint(tmp_path, 7)
+    c = ck.commit(ckstore, d, step=7, world_size=2, spec_hash=HASH, extra={"strategy": "ddp"})
+    assert c.name == "step-00000007" and c.uri == s3.uri("jobs/j/checkpoints/step-00000007")
+    keys = s3.keys("jobs/j/checkpoints/step-00000007/")
+    assert "jobs/j/checkpoints/step-00000007/COMMITTED" in keys
+    assert "jobs/j/checkpoints/step-00000007/rng_state_1.pth" in keys
+    m = json.loads(ckstore.get_bytes("step-00000007/COMMITTED"))
+    assert m["step"] == 7 and m["world_size"] == 2 and m["spec_hash"] == HASH and m["format"] == 1
+    assert m["files"]["optimizer.pt"] == {"size": 25_000, "sha256": ck.sha256_file(d / "optimizer.pt")}
+    assert "COMMITTED" not in m["files"]
+    # committing the same step again is a no-op
+    assert (
+        ck.commit(ckstore, d, step=7, world_size=2, spec_hash=HASH).manifest.created_at
+        == c.manifest.created_at
+    )
+    # download + verify round trip
+    got = ck.download(ckstore, c, tmp_path / "resume")
+    assert got == tmp_path / "resume" / "step-00000007"
+    assert (got / "adapter_model.safetensors").read_bytes() == (d / "adapter_model.safetensors").read_bytes()
+    assert ck.verify_local(got, c.manifest) == []
+    # a second download reuses the verified copy
+    t = (got / ".kubetune-verified").stat().st_mtime_ns
+    assert ck.download(ckstore, c, tmp_path / "resume") == got
+    assert (got / ".kubetune-verified").stat().st_mtime_ns == t
+
+
+def test_uncommitted_is_never_used(ckstore, tmp_path):
+    commit_steps(ckstore, tmp_path, [10])
+    # an upload of step 20 that died before COMMITTED
+    partial = fake_checkpoint(tmp_path / "p", 20)
+    ckstore.upload_dir(partial, "step-00000020")
+    committed, other = ck.scan(ckstore)
+    assert [c.step for c in committed] == [10] and other == ["step-00000020"]
+    got = ck.resolve(ckstore, tmp_path / "r", spec_hash=HASH)
+    assert got is not None and got[0].step == 10
+
+
+def test_corrupt_newest_falls_back_to_previous(ckstore, tmp_path, caplog):
+    commit_steps(ckstore, tmp_path, [10, 20])
+    # same size, different bytes: only the sha256 check can see it
+    data = bytearray(ckstore.get_bytes("step-00000020/optimizer.pt"))
+    data[100] ^= 0xFF
+    ckstore.put_bytes("step-00000020/optimizer.pt", bytes(data))
+    with caplog.at_level(logging.WARNING, logger="kubetune.checkpoints"):
+        ckpt, path = ck.resolve(ckstore, tmp_path / "r", spec_hash=HASH)
+    assert ckpt.step == 10 and path.name == "step-00000010"
+    assert "fails its sha256 check" in caplog.text and "falling back" in caplog.text
+    assert not (tmp_path / "r" / "step-00000020").exists()
+
+
+def test_missing_or_truncated_file_and_bad_manifest_are_skipped(ckstore, tmp_path, caplog):
+    commit_steps(ckstore, tmp_path, [10, 20, 30, 40])
+    ckstore.delete("step-00000040/rng_state_1.pth")
+    ckstore.put_bytes("step-00000030/optimizer.pt", b"short")
+    ckstore.put_bytes("step-00000020/COMMITTED", b"{not json")
+    with caplog.at_level(logging.WARNING):
+        cands = ck.candidates(ckstore, spec_hash=HASH)
+    assert [c.step for c in cands] == [10]
+    assert "rng_state_1.pth is missing" in caplog.text
+    assert "optimizer.pt has 5 bytes" in caplog.text
+    assert "not a valid manifest" in caplog.text
+
+
+def test_spec_change_refused_unless_start_over(ckstore, tmp_path):
+    commit_steps(ckstore, tmp_path, [10, 20], spec_hash="0ld0ld0ld0ld0ld0")
+    with pytest.raises(ck.SpecMismatch) as e:
+        ck.candidates(ckstore, spec_hash=HASH)
+    msg = str(e.value)
+    assert "step-00000020" in msg and "0ld0ld0ld0ld0ld0" in msg and HASH in msg and "start_over" in msg
+    assert ck.candidates(ckstore, spec_hash=HASH, on_spec_change="start_over") == []
+    # after starting over, our own checkpoints are chosen even though older-spec ones have higher steps
+    commit_steps(ckstore, tmp_path, [5])
+    assert [c.step for c in ck.candidates(ckstore, spec_hash=HASH, on_spec_change="start_over")] == [5]
+    # and pruning removes the other spec's checkpoints
+    deleted = ck.prune(ckstore, keep_last=2, spec_hash=HASH)
+    assert sorted(deleted) == ["step-00000010", "step-00000020"]
+    assert [c.step for c in ck.list_committed(ckstore)] == [5]
+
+
+def test_world_size_change(ckstore, tmp_path, caplog):
+    commit_steps(ckstore, tmp_path, [10], world_size=2)
+    with caplog.at_level(logging.WARNING):
+        assert [c.step for c in ck.candidates(ckstore, spec_hash=HASH, world_size=4)] == [10]
+    assert "written by 2 processes and this run has 4" in caplog.text
+    with pytest.raises(ck.CheckpointError, match="FSDP shards for world size 2"):
+        ck.candidates(ckstore, spec_hash=HASH, world_size=4, strategy="fsdp")
+
+
+@pytest.mark.parametrize("backend", ["s3", "local"])
+def test_keep_last_pruning(backend, request, tmp_path):
+    store = (
+        request.getfixturevalue("s3").store("p/checkpoints")
+        if backend == "s3"
+        else open_store(str(tmp_path / "store" / "checkpoints"))
+    )
+    commit_steps(store, tmp_path, [10, 20, 30])
+    old_partial = fake_checkpoint(tmp_path / "p", 15)
+    store.upload_dir(old_partial, "step-00000015")
+    new_partial = fake_checkpoint(tmp_path / "p", 40)
+    store.upload_dir(new_partial, "step-00000040")  # maybe an upload in flight: kept
+    deleted = ck.prune(store, keep_last=2, spec_hash=HASH)
+    assert sorted(deleted) == ["step-00000010", "step-00000015"]
+    committed, other = ck.scan(store)
+    assert [c.step for c in committed] == [20, 30] and other == ["step-00000040"]
+    assert not store.list("step-00000010/") and not store.list("step-00000015/")
+    # keep_last=1 keeps the newest, never zero
+    ck.prune(store, keep_last=0)
+    assert [c.step for c in ck.list_committed(store)] == [30]
+    assert ck.clean_uncommitted(store) == ["step-00000040"]
+    assert store.list_dirs() == ["step-00000030"]
+
+
+# ---------------------------------------------------------------- uploader
+
+
+def test_uploader_background_supersede_and_prune(ckstore, tmp_path):
+    events = []
+    up = CheckpointUploader(
+        ckstore,
+        spec_hash=HASH,
+        world_size=2,
+        keep_last=2,
+        staging_dir=tmp_path / "staging",
+        on_state=lambda what, step: events.append((what, step)),
+    )
+    try:
+        dirs = [fake_checkpoint(tmp_path / "out", s, big=2_000_000) for s in (1, 2, 3, 4)]
+        t0 = time.monotonic()
+        for s, d in zip((1, 2, 3, 4), dirs, strict=True):
+            up.submit(d, s)
+        assert time.monotonic() - t0 < 2.0  # submit never waits for the store
+        # the trainer may delete its local dirs at once (save_total_limit): staging holds hard links
+        for d in dirs:
+            for f in d.iterdir():
+                f.unlink()
+        assert up.wait_idle(60)
+    finally:
+        up.close()
+    uploaded = [s for what, s in events if what == "uploading"]
+    superseded = [s for what, s in events if what == "superseded"]
+    assert uploaded[0] == 1 and uploaded[-1] == 4 and superseded  # 2 or 3 was replaced while waiting
+    assert sorted(uploaded + superseded) == [1, 2, 3, 4]
+    assert up.last_committed.step == 4
+    assert [c.step for c in ck.list_committed(ckstore)][-1] == 4
+    assert len(ck.list_committed(ckstore)) <= 2
+    assert not any((tmp_path / "staging").iterdir())
+
+
+def test_upload_survives_ten_seconds_of_s3_outage(s3, ckstore, tmp_path):
+    """S3 down 10 s during an upload: the 'training' thread never waits, the upload is retried and commits."""
+    up = CheckpointUploader(ckstore, spec_hash=HASH, world_size=2, keep_last=2, staging_dir=tmp_path / "st")
+    try:
+        d = fake_checkpoint(tmp_path / "out", 100, big=3_000_000)
+        s3.outage(10.0)
+        t_outage = time.monotonic()
+        up.submit(d, 100)
+        steps = 0
+        while time.monotonic() - t_outage < 10.0:  # the training loop keeps stepping meanwhile
+            time.sleep(0.01)
+            steps += 1
+        assert steps > 300
+        assert ck.list_committed(ckstore) == []  # nothing could be committed while down
+        assert up.wait_for_step(100, timeout=60)
+    finally:
+        up.close()
+    committed = ck.list_committed(ckstore)
+    assert [c.step for c in committed] == [100]
+    got = ck.download(ckstore, committed[0], tmp_path / "dl")
+    assert (got / "optimizer.pt").read_bytes() == (d / "optimizer.pt").read_bytes()
+
+
+def test_urgent_submit_abandons_inflight_upload(s3, ckstore, tmp_path):
+    up = CheckpointUploader(ckstore, spec_hash=HASH, world_size=1, keep_last=3, staging_dir=tmp_path / "st")
+    try:
+        s3.pause()  # step 1 hangs retrying
+        up.submit(fake_checkpoint(tmp_path / "o", 1, world_size=1), 1)
+        time.sleep(1.0)
+        up.submit(fake_checkpoint(tmp_path / "o", 2, world_size=1), 2, urgent=True)
+        time.sleep(0.5)
+        s3.resume()
+        assert up.wait_for_step(2, timeout=60)
+        assert up.wait_idle(30)
+    finally:
+        up.close()
+    assert [c.step for c in ck.list_committed(ckstore)] == [2]
+    assert 1 not in up.committed_steps
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_progress_writer_and_status(s3, tmp_path, capsys):
+    from kubetune.spec import FineTuneJob
+
+    out = s3.store("jobs/demo")
+    w = ProgressWriter(out, job="demo", attempt=2, world_size=4, interval=0.2)
+    try:
+        w.update(step=120, total_steps=300, epoch=1.2, loss=2.3456, tokens_per_second=5120.0, eta_seconds=310)
+        w.set_state("running", wait=10)
+        p = read_progress(out)
+        assert p["step"] == 120 and p["percent"] == 40 and p["state"] == "running" and p["attempt"] == 2
+        for i in range(50):  # many updates coalesce into few writes
+            w.update(step=121 + i)
+        w.update(last_checkpoint={"uri": s3.uri("jobs/demo/checkpoints/step-00000150"), "step": 150})
+        w.set_state("done", wait=10)
+        p = read_progress(out)
+        assert p["step"] == 170 and p["state"] == "done" and p["last_checkpoint"]["step"] == 150
+        # the store going away never raises into training
+        s3.pause()
+        w.update(step=171)
+        time.sleep(0.5)
+        s3.resume()
+        assert w.flush(20)
+    finally:
+        w.close()
+    text = format_progress(read_progress(out))
+    assert "demo: done" in text and "step 171/300 (57%)" in text and "step-00000150 (step 150)" in text
+
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "demo"},
+            "spec": {
+                "model": {"uri": "file:///m"},
+                "dataset": {"uri": "file:///d.json"},
+                "output": {"uri": s3.uri("jobs/demo")},
+                "storage": {"s3": {"endpoint": s3.endpoint}},
+            },
+        }
+    )
+    assert print_status(job) == 0
+    assert "demo: done, attempt 2, 4 processes" in capsys.readouterr().out
+    job.spec.output.uri = s3.uri("jobs/none")
+    assert print_status(job) == 1
+    assert "no progress.json" in capsys.readouterr().err
+
+
+def test_progress_writer_coalesces(tmp_path):
+    class Counting:
+        def __init__(self):
+            self.n = 0
+            self.store = open_store(str(tmp_path))
+
+        def put_bytes(self, k, b):
+            self.n += 1
+            self.store.put_bytes(k, b)
+
+        def uri_for(self, k):
+            return k
+
+    st = Counting()
+    w = ProgressWriter(st, interval=0.5)  # type: ignore[arg-type]
+    stop = time.monotonic() + 1.2
+    while time.monotonic() < stop:
+        w.update(step=int(time.monotonic() * 1000))
+        time.sleep(0.001)
+    w.close()
+    assert 2 <= st.n <= 6
+    assert threading.active_count() < 50

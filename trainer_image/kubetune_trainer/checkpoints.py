@@ -1,0 +1,480 @@
+"""Checkpoints in an object store that commit atomically, and choosing the one to resume from.
+
+Layout under the checkpoint URI (spec.checkpoint.uri, default <output.uri>/checkpoints):
+
+    step-00000100/adapter_model.safetensors, optimizer.pt, scheduler.pt, rng_state_0.pth, ...,
+                  trainer_state.json, ...                 (a Hugging Face Trainer checkpoint dir)
+    step-00000100/COMMITTED                                (the manifest, written LAST)
+
+A step directory without COMMITTED is an upload that never finished: it is never used and is
+deleted by `prune`/`clean_uncommitted`. The manifest lists every file with its size and sha256,
+the global step, the world size and the spec's training hash; a download is verified against it.
+A committed checkpoint is deleted COMMITTED-first, so a crash half-way leaves an uncommitted
+leftover, never a committed checkpoint with files missing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.conventions import COMMITTED_FILE
+from kubetune_trainer.store import ObjectNotFound, ObjectStore, with_retries
+
+log = logging.getLogger("kubetune.checkpoints")
+
+MANIFEST_FORMAT = 1
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+VERIFIED_MARKER = ".kubetune-verified"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (and why)."""
+
+
+class SpecMismatch(CheckpointError):
+    """The newest checkpoint was written by a job whose model/data/method differ from this one."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """Files missing, of the wrong size or with the wrong checksum."""
+
+
+def step_name(step: int) -> str:
+    return f"step-{int(step):08d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    m = _STEP_RE.match(name.rstrip("/"))
+    return int(m.group(1)) if m else None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 4 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Manifest:
+    step: int
+    world_size: int
+    spec_hash: str
+    files: dict[str, dict[str, Any]]  # relative path -> {"size": int, "sha256": str}
+    created_at: str = field(default_factory=_now)
+    format: int = MANIFEST_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)  # strategy, nnodes, nproc_per_node, job ...
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Manifest:
+        d = json.loads(data)
+        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"unknown manifest format {d.get('format') if isinstance(d, dict) else d!r}")
+        files = d["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()
+        ):
+            raise ValueError("manifest 'files' must map paths to {size, sha256}")
+        return cls(
+            step=int(d["step"]),
+            world_size=int(d["world_size"]),
+            spec_hash=str(d["spec_hash"]),
+            files=files,
+            created_at=str(d.get("created_at", "")),
+            format=MANIFEST_FORMAT,
+            extra=dict(d.get("extra") or {}),
+        )
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(v["size"]) for v in self.files.values())
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint in the store."""
+
+    step: int
+    name: str  # "step-00000100", the key prefix under the checkpoint store
+    uri: str
+    manifest: Manifest
+
+
+def build_manifest(
+    local_dir: str | os.PathLike,
+    *,
+    step: int,
+    world_size: int,
+    spec_hash: str,
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    root = Path(local_dir)
+    files = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel not in (COMMITTED_FILE, VERIFIED_MARKER):
+            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    if not files:
+        raise CheckpointError(f"checkpoint directory {root} is empty")
+    return Manifest(
+        step=step, world_size=world_size, spec_hash=spec_hash, files=files, extra=dict(extra or {})
+    )
+
+
+# ---------------------------------------------------------------- writing
+
+
+def commit(
+    store: ObjectStore,
+    local_dir: str | os.PathLike,
+    *,
+    step: int,
+    world_size: int,
+    spec_hash: str,
+    extra: dict[str, Any] | None = None,
+    deadline: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    workers: int = 4,
+    manifest: Manifest | None = None,
+) -> Checkpoint:
+    """Upload a finished local checkpoint dir to step-<N>/ and write COMMITTED last.
+
+    Transient store errors are retried (until `deadline`, a time.monotonic() value, or until
+    `should_stop()`; without either, up to a few minutes). Re-committing a step that is already
+    committed by the same spec is a no-op.
+    """
+    name = step_name(step)
+    existing = read_manifest(store, name)
+    if existing is not None and existing.spec_hash == spec_hash:
+        log.info("checkpoint %s is already committed", store.uri_for(name))
+        return Checkpoint(step, name, store.uri_for(name), existing)
+    if existing is not None:
+        store.delete(f"{name}/{COMMITTED_FILE}")  # a foreign spec's checkpoint (on_spec_change: start_over)
+    manifest = manifest or build_manifest(
+        local_dir, step=step, world_size=world_size, spec_hash=spec_hash, extra=extra
+    )
+    root = Path(local_dir)
+    if deadline is None and should_stop is None:
+        deadline = time.monotonic() + 600
+
+    def retrying(fn: Callable[[], Any], what: str) -> Any:
+        return with_retries(
+            fn, what=what, attempts=None, deadline=deadline, should_stop=should_stop, max_delay=10.0
+        )
+
+    def stopped() -> None:
+        if should_stop is not None and should_stop():
+            raise CheckpointError(f"upload of {store.uri_for(name)} abandoned")
+
+    t0 = time.monotonic()
+    calls = []
+    for rel in manifest.files:
+        calls.append(
+            lambda rel=rel: (
+                stopped(),
+                retrying(lambda: store.put_file(root / rel, f"{name}/{rel}"), f"upload {name}/{rel}"),
+            )
+        )
+    ObjectStore._parallel(calls, workers)
+    stopped()
+    retrying(lambda: store.put_bytes(f"{name}/{COMMITTED_FILE}", manifest.to_json()), f"commit {name}")
+    dt = time.monotonic() - t0
+    log.info(
+        "committed %s (%d files, %.1f MB in %.1fs)",
+        store.uri_for(name),
+        len(manifest.files),
+        manifest.total_bytes / 1e6,
+        dt,
+    )
+    return Checkpoint(step, name, store.uri_for(name), manifest)
+
+
+def delete_checkpoint(store: ObjectStore, name: str) -> None:
+    """Uncommit first, then delete the files: never a committed checkpoint with files missing."""
+    store.delete(f"{name}/{COMMITTED_FILE}")
+    store.delete_prefix(f"{name}/")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_manifest(store: ObjectStore, name: str) -> Manifest | None:
+    """The manifest of step dir `name`; None when it is not committed. Unreadable -> CorruptCheckpoint."""
+    try:
+        data = store.get_bytes(f"{name}/{COMMITTED_FILE}")
+    except ObjectNotFound:
+        return None
+    try:
+        return Manifest.from_json(data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"{store.uri_for(name)}/{COMMITTED_FILE} is not a valid manifest: {e}") from e
+
+
+def scan(store: ObjectStore) -> tuple[list[Checkpoint], list[str]]:
+    """(committed checkpoints sorted by step, names of step dirs that are not validly committed)."""
+    keys = store.list()
+    dirs: dict[str, bool] = {}
+    for key in keys:
+        top, _, rest = key.partition("/")
+        if parse_step_name(top) is None or not rest:
+            continue
+        dirs[top] = dirs.get(top, False) or rest == COMMITTED_FILE
+    committed, other = [], []
+    for name in sorted(dirs):
+        if not dirs[name]:
+            other.append(name)
+            continue
+        try:
+            manifest = read_manifest(store, name)
+        except CorruptCheckpoint as e:
+            log.warning("ignoring %s", e)
+            other.append(name)
+            continue
+        if manifest is None:  # deleted meanwhile
+            other.append(name)
+            continue
+        step = parse_step_name(name)
+        assert step is not None
+        if manifest.step != step:
+            log.warning("ignoring %s: its manifest says step %d", store.uri_for(name), manifest.step)
+            other.append(name)
+            continue
+        committed.append(Checkpoint(step, name, store.uri_for(name), manifest))
+    committed.sort(key=lambda c: c.step)
+    return committed, other
+
+
+def list_committed(store: ObjectStore) -> list[Checkpoint]:
+    return scan(store)[0]
+
+
+def latest_committed(store: ObjectStore) -> Checkpoint | None:
+    committed = list_committed(store)
+    return committed[-1] if committed else None
+
+
+def remote_problems(store: ObjectStore, ckpt: Checkpoint) -> list[str]:
+    """What is wrong with a committed checkpoint as stored (missing files, wrong sizes), cheaply."""
+    sizes = store.sizes(f"{ckpt.name}/")
+    problems = []
+    for rel, meta in ckpt.manifest.files.items():
+        size = sizes.get(f"{ckpt.name}/{rel}")
+        if size is None:
+            problems.append(f"{rel} is missing")
+        elif size != meta["size"]:
+            problems.append(f"{rel} has {size} bytes, the manifest says {meta['size']}")
+    return problems
+
+
+def verify_local(local_dir: str | os.PathLike, manifest: Manifest) -> list[str]:
+    """Problems of a downloaded checkpoint against its manifest (sizes and sha256); [] when good."""
+    root = Path(local_dir)
+    problems = []
+    for rel, meta in manifest.files.items():
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"{rel} is missing")
+        elif p.stat().st_size != meta["size"]:
+            problems.append(f"{rel} has {p.stat().st_size} bytes, the manifest says {meta['size']}")
+        elif sha256_file(p) != meta["sha256"]:
+            problems.append(f"{rel} fails its sha256 check")
+    return problems
+
+
+# ---------------------------------------------------------------- choosing and downloading
+
+
+def candidates(
+    store: ObjectStore,
+    *,
+    spec_hash: str,
+    on_spec_change: str = "refuse",
+    world_size: int | None = None,
+    strategy: str = "ddp",
+) -> list[Checkpoint]:
+    """Committed checkpoints this job may resume from, newest first, after the cheap checks.
+
+    Skips (with a warning) ones whose files are missing or of the wrong size. The newest one from a
+    different spec raises SpecMismatch unless on_spec_change == "start_over" (then foreign ones
+    are ignored). A sharded (fsdp) checkpoint of another world size raises CheckpointError.
+    """
+    committed, _ = scan(store)
+    out = []
+    for ckpt in reversed(committed):
+        if ckpt.manifest.spec_hash != spec_hash:
+            if on_spec_change == "start_over":
+                log.warning(
+                    "ignoring %s: written by a different spec (hash %s, this job %s); on_spec_change is start_over",
+                    ckpt.uri,
+                    ckpt.manifest.spec_hash,
+                    spec_hash,
+                )
+                continue
+            if out:
+                # an older foreign checkpoint behind a valid newer own one: irrelevant
+                continue
+            raise SpecMismatch(
+                f"the newest checkpoint {ckpt.uri} (step {ckpt.step}) was written by a job with a different "
+                f"model/data/method spec (training hash {ckpt.manifest.spec_hash}; this job's is {spec_hash}). "
+                f"Refusing to resume from it. Restore the original spec, point checkpoint.uri elsewhere, or set "
+                f"checkpoint.on_spec_change: start_over to ignore old checkpoints."
+            )
+        problems = remote_problems(store, ckpt)
+        if problems:
+            log.warning(
+                "skipping committed checkpoint %s: %s; falling back to the previous one",
+                ckpt.uri,
+                "; ".join(problems[:5]),
+            )
+            continue
+        saved_ws = ckpt.manifest.world_size
+        if world_size is not None and saved_ws != world_size:
+            if ckpt.manifest.extra.get("strategy", strategy) == "fsdp" or strategy == "fsdp":
+                raise CheckpointError(
+                    f"checkpoint {ckpt.uri} holds FSDP shards for world size {saved_ws}, and this run has "
+                    f"{world_size} processes: resume with nnodes x nproc_per_node = {saved_ws}, or start over"
+                )
+            log.warning(
+                "checkpoint %s was written by %d processes and this run has %d: weights, optimizer and "
+                "scheduler resume at step %d, but the global batch and data order change from here on",
+                ckpt.uri,
+                saved_ws,
+                world_size,
+                ckpt.step,
+            )
+        out.append(ckpt)
+    return out
+
+
+def download(
+    store: ObjectStore, ckpt: Checkpoint, local_root: str | os.PathLike, *, workers: int = 4
+) -> Path:
+    """Download a committed checkpoint into local_root/step-N and verify every file's sha256.
+
+    A directory already downloaded and verified for the same manifest is reused. Raises
+    CorruptCheckpoint (and removes the partial download) when verification fails.
+    """
+    root = Path(local_root)
+    dst = root / ckpt.name
+    digest = hashlib.sha256(ckpt.manifest.to_json()).hexdigest()
+    marker = dst / VERIFIED_MARKER
+    if marker.is_file() and marker.read_text().strip() == digest:
+        log.info("reusing verified local copy %s of %s", dst, ckpt.uri)
+        return dst
+    partial = root / f".{ckpt.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    partial.mkdir(parents=True)
+    t0 = time.monotonic()
+    calls = [
+        lambda rel=rel: with_retries(
+            lambda: store.get_file(f"{ckpt.name}/{rel}", partial / rel), what=f"download {ckpt.name}/{rel}"
+        )
+        for rel in ckpt.manifest.files
+    ]
+    try:
+        ObjectStore._parallel(calls, workers)
+    except ObjectNotFound as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CorruptCheckpoint(f"{ckpt.uri}: {e}") from e
+    problems = verify_local(partial, ckpt.manifest)
+    if problems:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CorruptCheckpoint(f"{ckpt.uri} failed verification: {'; '.join(problems[:5])}")
+    (partial / VERIFIED_MARKER).write_text(digest + "\n")
+    os.replace(partial, dst)
+    log.info(
+        "downloaded and verified %s -> %s (%.1f MB in %.1fs)",
+        ckpt.uri,
+        dst,
+        ckpt.manifest.total_bytes / 1e6,
+        time.monotonic() - t0,
+    )
+    return dst
+
+
+def resolve(
+    store: ObjectStore,
+    local_root: str | os.PathLike,
+    *,
+    spec_hash: str,
+    on_spec_change: str = "refuse",
+    world_size: int | None = None,
+    strategy: str = "ddp",
+) -> tuple[Checkpoint, Path] | None:
+    """Single-process resume: the newest committed checkpoint that downloads and verifies, or None."""
+    for ckpt in candidates(
+        store, spec_hash=spec_hash, on_spec_change=on_spec_change, world_size=world_size, strategy=strategy
+    ):
+        try:
+            return ckpt, download(store, ckpt, local_root)
+        except CorruptCheckpoint as e:
+            log.warning("skipping %s; falling back to the previous committed checkpoint", e)
+    return None
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def prune(store: ObjectStore, keep_last: int, *, spec_hash: str | None = None) -> list[str]:
+    """Delete old committed checkpoints beyond `keep_last` (never the newest) and uncommitted leftovers.
+
+    Uncommitted step dirs older than the newest committed one are leftovers of failed uploads; newer
+    ones may be an upload in flight and are kept (`clean_uncommitted` removes them at start). With
+    `spec_hash`, committed checkpoints of another spec (left behind by on_spec_change: start_over)
+    are deleted too. Returns the names deleted.
+    """
+    keep_last = max(1, keep_last)
+    committed, other = scan(store)
+    foreign = [c for c in committed if spec_hash is not None and c.manifest.spec_hash != spec_hash]
+    own = [c for c in committed if c not in foreign]
+    doomed = [c.name for c in own[:-keep_last]] + [c.name for c in foreign]
+    newest = own[-1].step if own else -1
+    doomed += [n for n in other if (parse_step_name(n) or 0) < newest]
+    for name in doomed:
+        try:
+            delete_checkpoint(store, name)
+            log.info("pruned %s", store.uri_for(name))
+        except Exception as e:  # a failed prune is retried at the next one
+            log.warning("could not prune %s: %s", store.uri_for(name), e)
+    return doomed
+
+
+def clean_uncommitted(store: ObjectStore) -> list[str]:
+    """Delete every step dir without a valid COMMITTED (at start, when no upload is in flight)."""
+    _, other = scan(store)
+    for name in other:
+        store.delete_prefix(f"{name}/")
+        log.info("removed uncommitted leftover %s", store.uri_for(name))
+    return other
+
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "CorruptCheckpoint", "Manifest", "SpecMismatch", "build_manifest",
+    "candidates", "clean_uncommitted", "commit", "delete_checkpoint", "download", "latest_committed",
+    "list_committed", "parse_step_name", "prune", "read_manifest", "remote_problems", "resolve", "scan",
+    "sha256_file", "step_name", "verify_local",
+]  # fmt: skip

@@ -1,0 +1,245 @@
+"""progress.json: what the trainer is doing, for the operator and `kubetune status job.yaml`.
+
+Written by global rank 0 to <output.uri>/progress.json every few seconds (from a background
+thread: a slow or unreachable store never blocks training) and at once on every state change.
+The document (all keys always present; null when unknown):
+
+    {"job": "demo", "attempt": 2, "state": "running",     # starting|running|saving|done|failed|preempted
+     "reason": null,                                       # why failed/preempted
+     "step": 120, "total_steps": 300, "percent": 40, "epoch": 1.2, "loss": 2.31,
+     "tokens_per_second": 5120.0, "eta_seconds": 310.0,
+     "last_checkpoint": {"uri": "s3://b/jobs/demo/checkpoints/step-00000100", "step": 100},
+     "resumed_from": {"uri": ..., "step": 50} | null,
+     "world_size": 4, "started_at": "...Z", "updated_at": "...Z"}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from kubetune.conventions import PROGRESS_FILE
+from kubetune_trainer.store import ObjectNotFound, ObjectStore, StoreError, open_store
+
+if TYPE_CHECKING:
+    from kubetune.spec import FineTuneJob
+
+log = logging.getLogger("kubetune.progress")
+
+STATES = ("starting", "running", "saving", "done", "failed", "preempted")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def empty_progress(job: str = "", attempt: int = 0, world_size: int = 1) -> dict[str, Any]:
+    return {
+        "job": job,
+        "attempt": attempt,
+        "state": "starting",
+        "reason": None,
+        "step": 0,
+        "total_steps": 0,
+        "percent": 0,
+        "epoch": 0.0,
+        "loss": None,
+        "tokens_per_second": None,
+        "eta_seconds": None,
+        "last_checkpoint": None,
+        "resumed_from": None,
+        "world_size": world_size,
+        "started_at": _now(),
+        "updated_at": _now(),
+    }
+
+
+class ProgressWriter:
+    """Keeps the progress document in memory; a thread writes it when it changed, every `interval` s."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        job: str = "",
+        attempt: int = 0,
+        world_size: int = 1,
+        interval: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.interval = interval
+        self.doc = empty_progress(job, attempt, world_size)
+        self._lock = threading.Lock()
+        self._dirty = threading.Event()
+        self._urgent = threading.Event()
+        self._stop = threading.Event()
+        self._written = threading.Condition()
+        self._version = 0
+        self._written_version = 0
+        self._failures = 0
+        self._thread = threading.Thread(target=self._run, name="kubetune-progress", daemon=True)
+        self._thread.start()
+
+    def update(self, *, flush: bool = False, **fields: Any) -> None:
+        with self._lock:
+            for k, v in fields.items():
+                self.doc[k] = v
+            step, total = self.doc.get("step") or 0, self.doc.get("total_steps") or 0
+            self.doc["percent"] = int(100 * step / total) if total else 0
+            self.doc["updated_at"] = _now()
+            self._version += 1
+        self._dirty.set()
+        if flush:
+            self._urgent.set()
+
+    def set_state(self, state: str, reason: str | None = None, *, wait: float | None = None) -> None:
+        """Change state (written at once); `wait`: block up to that many seconds for the write."""
+        assert state in STATES, state
+        self.update(state=state, reason=reason, flush=True)
+        if wait:
+            self.flush(wait)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Write now (from the writer thread) and wait up to `timeout` s for it."""
+        with self._lock:
+            target = self._version
+        self._urgent.set()
+        self._dirty.set()
+        end = time.monotonic() + timeout
+        with self._written:
+            while self._written_version < target:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._written.wait(left)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        self._stop.set()
+        self._dirty.set()
+        self._thread.join(timeout=2)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.doc)
+
+    def _run(self) -> None:
+        last = 0.0
+        while not self._stop.is_set():
+            self._dirty.wait()
+            if self._stop.is_set():
+                break
+            # coalesce updates: at most one write per interval unless a state change asks for it now
+            wait = self.interval - (time.monotonic() - last)
+            if wait > 0 and not self._urgent.is_set():
+                self._urgent.wait(wait)
+            self._urgent.clear()
+            self._dirty.clear()
+            with self._lock:
+                doc, version = dict(self.doc), self._version
+            try:
+                self.store.put_bytes(PROGRESS_FILE, (json.dumps(doc, indent=1) + "\n").encode())
+                self._failures = 0
+            except Exception as e:  # never fatal: the next write may work
+                self._failures += 1
+                if self._failures in (1, 10) or self._failures % 100 == 0:
+                    log.warning(
+                        "could not write %s (%d failures): %s",
+                        self.store.uri_for(PROGRESS_FILE),
+                        self._failures,
+                        e,
+                    )
+                self._dirty.set()
+                time.sleep(min(self.interval, 2.0))
+                continue
+            last = time.monotonic()
+            with self._written:
+                self._written_version = max(self._written_version, version)
+                self._written.notify_all()
+
+
+def read_progress(store: ObjectStore) -> dict[str, Any] | None:
+    try:
+        return json.loads(store.get_bytes(PROGRESS_FILE))
+    except ObjectNotFound:
+        return None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def format_progress(p: dict[str, Any], uri: str = "") -> str:
+    lines = []
+    head = f"{p.get('job') or '?'}: {p.get('state') or '?'}"
+    if p.get("reason"):
+        head += f" ({p['reason']})"
+    if p.get("attempt"):
+        head += f", attempt {p['attempt']}"
+    if p.get("world_size"):
+        head += f", {p['world_size']} processes"
+    lines.append(head)
+    step, total = p.get("step") or 0, p.get("total_steps") or 0
+    parts = [f"step {step}/{total or '?'}" + (f" ({p.get('percent', 0)}%)" if total else "")]
+    if p.get("epoch") is not None:
+        parts.append(f"epoch {float(p['epoch']):.2f}")
+    if p.get("loss") is not None:
+        parts.append(f"loss {float(p['loss']):.4f}")
+    if p.get("tokens_per_second") is not None:
+        parts.append(f"{float(p['tokens_per_second']):.0f} tokens/s")
+    if p.get("eta_seconds") is not None and p.get("state") == "running":
+        parts.append(f"ETA {_duration(p['eta_seconds'])}")
+    lines.append("  " + ", ".join(parts))
+    ck = p.get("last_checkpoint")
+    lines.append(
+        f"  last checkpoint: {ck['uri']} (step {ck['step']})" if ck else "  last checkpoint: none yet"
+    )
+    if p.get("resumed_from"):
+        lines.append(f"  resumed from: {p['resumed_from']['uri']} (step {p['resumed_from']['step']})")
+    updated = p.get("updated_at")
+    if updated:
+        try:
+            t = _dt.datetime.fromisoformat(updated.replace("Z", "+00:00"))
+            ago = (_dt.datetime.now(_dt.timezone.utc) - t).total_seconds()
+            lines.append(f"  updated {updated} ({_duration(max(0.0, ago))} ago)")
+        except ValueError:
+            lines.append(f"  updated {updated}")
+    if uri:
+        lines.append(f"  from {uri}")
+    return "\n".join(lines)
+
+
+def print_status(job: FineTuneJob) -> int:
+    """`kubetune status job.yaml`: print the job's progress.json; 1 when there is none (yet)."""
+    import sys
+
+    spec = job.spec
+    try:
+        store = open_store(spec.output.uri, spec.storage.s3)
+        p = read_progress(store)
+    except (StoreError, ValueError) as e:
+        print(f"{job.name}: cannot read progress: {e}", file=sys.stderr)
+        return 1
+    if p is None:
+        print(
+            f"{job.name}: no {PROGRESS_FILE} at {store.uri_for(PROGRESS_FILE)} yet (not started?)",
+            file=sys.stderr,
+        )
+        return 1
+    print(format_progress(p, store.uri_for(PROGRESS_FILE)))
+    return 0
+
+
+__all__ = ["ProgressWriter", "empty_progress", "format_progress", "print_status", "read_progress", "STATES"]
