@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from kubetune.conventions import ENV_S3_CREDENTIALS_DIR, S3_CREDENTIALS_DIR
 from kubetune.uris import Uri, parse_uri, pvc_mount_path
 
 if TYPE_CHECKING:
@@ -39,8 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kubetune.store")
 
 # Where the operator mounts the credentials Secret (keys as file names); the env var overrides it.
-ENV_S3_CREDENTIALS_DIR = "KUBETUNE_S3_CREDENTIALS_DIR"
-DEFAULT_S3_CREDENTIALS_DIR = "/var/run/secrets/kubetune/s3"
+DEFAULT_S3_CREDENTIALS_DIR = S3_CREDENTIALS_DIR
 
 T = TypeVar("T")
 
