@@ -194,8 +194,15 @@ def test_attempts_get_distinct_pod_names_and_same_service_and_config():
     job = make_job({"parallel_config": {"nnodes": 2}})
     one, two = render_job(job, 1), render_job(job, 2)
     assert {p["metadata"]["name"] for p in pods(one)}.isdisjoint(p["metadata"]["name"] for p in pods(two))
-    assert one[:2] == two[:2]
+    assert one[0] == two[0]  # the job's service
+    # each attempt reads its own immutable copy of the spec
+    assert one[1]["metadata"]["name"] == "demo-a1-config" and two[1]["metadata"]["name"] == "demo-a2-config"
+    assert one[1]["data"] == two[1]["data"] and one[1]["immutable"] is True
     assert [p["metadata"]["name"] for p in pods(one)] == ["demo-a1-r0", "demo-a1-r1"]
+    for attempt, objs in ((1, one), (2, two)):
+        for obj in objs[1:]:
+            assert obj["metadata"]["labels"][c.LABEL_ATTEMPT] == str(attempt)
+        assert c.LABEL_ATTEMPT not in objs[0]["metadata"]["labels"]
 
 
 def test_owner_references_when_the_job_has_a_uid():
@@ -231,6 +238,11 @@ def test_label_selectors_find_the_right_pods():
     labels = lambda ps: [p["metadata"]["labels"] for p in ps]  # noqa: E731
     assert [x for x in labels(everything) if _matches(naming.job_selector("demo"), x)] == labels(a1 + a2)
     assert [x for x in labels(everything) if _matches(naming.attempt_selector("demo", 2), x)] == labels(a2)
+    # the attempt selector also finds that attempt's config map, and nothing of the job's service
+    objs2 = render_job(job, 2)
+    assert [
+        o["kind"] for o in objs2 if _matches(naming.attempt_selector("demo", 2), o["metadata"]["labels"])
+    ] == ["ConfigMap"] + ["Pod"] * 3
     # the headless service selects every pod of its job (any attempt), none of another job's
     selector = render_job(job)[0]["spec"]["selector"]
     assert all(_matches(",".join(f"{k}={v}" for k, v in selector.items()), x) for x in labels(a1 + a2))
@@ -263,6 +275,7 @@ def test_security_context_is_restricted_with_writable_scratch():
         "runAsUser": 1000,
         "runAsGroup": 1000,
         "fsGroup": 1000,
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     sc = ctr["securityContext"]

@@ -4,8 +4,11 @@ render.py builds the objects with these names; the reconcile loop finds them aga
 functions, so a restarted operator recognises every pod it (or an earlier process) created.
 
     service:    ftj-<job>                       (headless; pods' DNS subdomain)
-    config map: <job>-config                    (the FineTuneJob YAML the trainer reads)
+    config map: <job>-a<attempt>-config         (the FineTuneJob YAML the trainer reads)
     pods:       <job>-a<attempt>-r<rank>        (hostname too: <pod>.<service>.<ns>.svc)
+
+The config map is per attempt, so each attempt reads the spec as it was when the attempt was
+created (a fixed S3 endpoint reaches the next attempt) and nothing is ever updated in place.
 
 Every name is a DNS label of at most 63 characters: a long job name is cut and a short hash of the
 whole name keeps it unique. The service name starts with a letter, as Service names must (DNS-1035),
@@ -43,9 +46,9 @@ def service_name(job: str) -> str:
     return _fit(job, prefix="ftj-")
 
 
-def configmap_name(job: str) -> str:
-    """The ConfigMap holding the job's trainer config (one per job)."""
-    return _fit(job, suffix="-config")
+def configmap_name(job: str, attempt: int) -> str:
+    """The ConfigMap holding the trainer config of one attempt."""
+    return _fit(job, suffix=f"-a{attempt}-config")
 
 
 def pod_name(job: str, attempt: int, rank: int) -> str:
@@ -73,8 +76,13 @@ def job_labels(job: str) -> dict[str, str]:
     return {LABEL_JOB: _fit(job), LABEL_MANAGED_BY: MANAGER}
 
 
+def attempt_labels(job: str, attempt: int) -> dict[str, str]:
+    """Labels on the objects of one attempt (its config map and pods)."""
+    return {**job_labels(job), LABEL_ATTEMPT: str(attempt)}
+
+
 def pod_labels(job: str, attempt: int, rank: int) -> dict[str, str]:
-    return {**job_labels(job), LABEL_ATTEMPT: str(attempt), LABEL_RANK: str(rank)}
+    return {**attempt_labels(job, attempt), LABEL_RANK: str(rank)}
 
 
 def _selector(labels: dict[str, str]) -> str:
@@ -82,10 +90,10 @@ def _selector(labels: dict[str, str]) -> str:
 
 
 def job_selector(job: str) -> str:
-    """Label selector for every pod (every attempt) of a job: `kubectl get pods -l ...`."""
+    """Label selector for every object (every attempt) of a job: `kubectl get pods -l ...`."""
     return _selector(job_labels(job))
 
 
 def attempt_selector(job: str, attempt: int) -> str:
-    """Label selector for the pods of one attempt."""
-    return _selector({**job_labels(job), LABEL_ATTEMPT: str(attempt)})
+    """Label selector for the objects (pods, config map) of one attempt."""
+    return _selector(attempt_labels(job, attempt))

@@ -5,6 +5,8 @@ operator creates, for review and GitOps diffs. The list is always
 
     [headless Service, ConfigMap, Pod rank 0, Pod rank 1, ..., Pod rank nnodes-1]
 
+The Service is the job's (the same for every attempt); the ConfigMap and Pods belong to the attempt.
+
 Each pod runs the trainer's supervisor around torchrun:
 
     python -m kubetune_trainer.supervise -- torchrun --nnodes N --nproc-per-node P --node-rank i
@@ -71,7 +73,7 @@ def render_job(job: FineTuneJob, attempt: int = 1, *, trainer_image: str | None 
         raise ValueError(f"attempt must be >= 1, got {attempt}")
     return [
         render_service(job),
-        render_configmap(job),
+        render_configmap(job, attempt),
         *(
             render_pod(job, attempt, rank, trainer_image=trainer_image)
             for rank in range(job.spec.parallel_config.nnodes)
@@ -157,12 +159,15 @@ def trainer_config(job: FineTuneJob) -> str:
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=120)
 
 
-def render_configmap(job: FineTuneJob) -> dict[str, Any]:
+def render_configmap(job: FineTuneJob, attempt: int) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, naming.configmap_name(job.name), "config", naming.job_labels(job.name)),
+        "metadata": _metadata(
+            job, naming.configmap_name(job.name, attempt), "config", naming.attempt_labels(job.name, attempt)
+        ),
         "data": {c.CONFIG_FILE: trainer_config(job)},
+        "immutable": True,
     }
 
 
@@ -259,13 +264,13 @@ def _env(job: FineTuneJob, attempt: int) -> list[dict[str, Any]]:
     return env
 
 
-def _volumes(job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(job: FineTuneJob, attempt: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(pod volumes, container volume mounts)."""
     volumes: list[dict[str, Any]] = [
         {
             "name": "config",
             "configMap": {
-                "name": naming.configmap_name(job.name),
+                "name": naming.configmap_name(job.name, attempt),
                 "items": [{"key": c.CONFIG_FILE, "path": c.CONFIG_FILE}],
             },
         },
@@ -315,7 +320,7 @@ def render_pod(
     spec = job.spec
     res = spec.resources
     kueue_labels, kueue_annotations = _kueue(job)
-    volumes, mounts = _volumes(job)
+    volumes, mounts = _volumes(job, attempt)
     name = naming.pod_name(job.name, attempt, rank)
     meta = _metadata(
         job,
@@ -356,6 +361,8 @@ def render_pod(
             "runAsUser": TRAINER_UID,
             "runAsGroup": TRAINER_UID,
             "fsGroup": TRAINER_UID,
+            # no recursive chown of big model/data claims on every start
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
