@@ -217,6 +217,7 @@ def test_namespaced_install_options(chart):
 OPERATOR_RULES = {
     ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
     ("kubetune.io", "finetunejobs/status"): {"get", "patch", "update"},
+    ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("", "pods"): {"get", "list", "watch", "create", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "delete"},

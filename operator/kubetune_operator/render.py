@@ -84,8 +84,14 @@ def render_job(job: FineTuneJob, attempt: int = 1, *, trainer_image: str | None 
 # ---------------------------------------------------------------- metadata
 
 
-def owner_references(job: FineTuneJob) -> list[dict[str, Any]]:
+def job_uid(job: FineTuneJob) -> str | None:
+    """The FineTuneJob's uid when it was read from the API server (ObjectMeta allows extra fields)."""
     uid = (job.metadata.model_extra or {}).get("uid")
+    return str(uid) if uid else None
+
+
+def owner_references(job: FineTuneJob) -> list[dict[str, Any]]:
+    uid = job_uid(job)
     if not uid:
         return []
     return [
@@ -93,7 +99,7 @@ def owner_references(job: FineTuneJob) -> list[dict[str, Any]]:
             "apiVersion": API_VERSION,
             "kind": KIND,
             "name": job.name,
-            "uid": str(uid),
+            "uid": uid,
             "controller": True,
             "blockOwnerDeletion": True,
         }
@@ -147,9 +153,9 @@ def render_service(job: FineTuneJob) -> dict[str, Any]:
 def trainer_config(job: FineTuneJob) -> str:
     """The FineTuneJob YAML the trainer reads at CONFIG_PATH (spec only; status is the operator's)."""
     meta: dict[str, Any] = {"name": job.name, "namespace": job.namespace}
-    uid = (job.metadata.model_extra or {}).get("uid")
+    uid = job_uid(job)
     if uid:
-        meta["uid"] = str(uid)
+        meta["uid"] = uid
     doc = {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -183,7 +189,6 @@ def nproc_per_node(job: FineTuneJob) -> int:
 def torchrun_command(job: FineTuneJob, attempt: int, rank: int) -> list[str]:
     """The container command of node rank `rank`: supervise -- torchrun ... -m kubetune_trainer."""
     p = job.spec.parallel_config
-    uid = (job.metadata.model_extra or {}).get("uid")
     return [
         "python", "-m", "kubetune_trainer.supervise", "--",
         "torchrun",
@@ -192,7 +197,7 @@ def torchrun_command(job: FineTuneJob, attempt: int, rank: int) -> list[str]:
         "--node-rank", str(rank),
         "--rdzv-backend", "c10d",
         "--rdzv-endpoint", naming.rdzv_endpoint(job.name, job.namespace, attempt),
-        "--rdzv-id", f"{uid or job.name}-a{attempt}",
+        "--rdzv-id", f"{job_uid(job) or job.name}-a{attempt}",
         "--rdzv-conf", f"join_timeout={RDZV_JOIN_TIMEOUT_SECONDS}",
         "--max-restarts", str(p.max_worker_restarts),
         "-m", "kubetune_trainer",

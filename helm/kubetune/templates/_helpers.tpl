@@ -72,6 +72,11 @@ app.kubernetes.io/part-of: kubetune
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch", "update"]
+# Owner references with blockOwnerDeletion need this where the OwnerReferencesPermissionEnforcement
+# admission plugin is on (OpenShift and others).
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
 # The gang: rendered pods, the headless service and the job's config map. No patch/update:
 # pods are never changed in place, a restart deletes the attempt and creates the next one.
 - apiGroups: [""]
