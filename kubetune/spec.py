@@ -594,6 +594,9 @@ class FineTuneJobStatus(BaseModel):
     output: str | None = Field(None, description="Where the final model was written, once Succeeded.")
     start_time: str | None = Field(None, description="When the first attempt started.")
     completion_time: str | None = Field(None, description="When the job Succeeded or Failed.")
+    restart_after: str | None = Field(
+        None, description="While Restarting: the next attempt starts at this time (restart backoff)."
+    )
     message: str | None = Field(None, description="Latest human-readable message.")
 
 
