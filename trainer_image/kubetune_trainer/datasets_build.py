@@ -1,0 +1,526 @@
+"""The trainer's one entry point into the data pipeline: :func:`build_datasets`.
+
+    built = build_datasets(job, tokenizer, seed=job.spec.training.seed)
+    Trainer(..., train_dataset=built.train_dataset, eval_dataset=built.eval_dataset,
+            data_collator=built.data_collator)
+
+What it does, by ``spec.method``:
+
+``sft``
+    read rows -> normalise (formats.py) -> hold out ``validation_split`` of the rows (seeded) -> add
+    ``dataset.mix`` samples -> shuffle (seeded) -> render and mask (chat_render.py, truncation to
+    ``seq_length``) -> drop samples with no trainable token -> pack (``training.packing``) or not.
+    Rows of ``input_ids``, ``labels`` (+ ``position_ids`` when packed) in a ``datasets.Dataset``.
+``pretrain``
+    text documents, each followed by EOS, every token in the loss; packed into ``seq_length`` blocks
+    (``training.packing``) or each document cut into ``seq_length`` pieces. ``dataset.streaming``
+    reads lazily (:class:`PretrainStream`, a torch ``IterableDataset``).
+``dpo``
+    ``prompt``/``chosen``/``rejected`` text rows rendered with the chat template (or ChatML) and
+    system prompt, ready for TRL's ``DPOTrainer`` (which tokenizes them itself); no collator.
+
+Mixing (``dataset.mix``): the main source keeps all its training samples and makes up
+``1 - sum(ratios)`` of the result; each mix source adds ``ratio * total`` samples drawn from a seeded
+permutation of its samples (repeated when it has fewer). Held-out evaluation rows come from the main
+source only. Mix sources use the main dataset's ``system_prompt`` and ``apply_chat_template``.
+
+Streaming (pre-training only; needs ``training.max_steps``): rows are read, tokenized and packed as
+the trainer consumes them, in file order (no shuffling: shuffle the corpus beforehand). The order
+is a pure function of the files and the seed, so a resumed run sees exactly the batches the
+interrupted run would have seen next (the Trainer skips the consumed batches by reading them again;
+resuming therefore costs re-reading the consumed part). Held-out rows are chosen by a seeded hash
+of the row index (at most ``STREAM_EVAL_MAX_ROWS`` of them are evaluated). Mix sources are read
+into memory and interleaved at a fixed cadence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kubetune_trainer.chat_render import ChatRenderer, Encoded
+from kubetune_trainer.data_sources import BadRows, DataError, Row, iter_rows
+from kubetune_trainer.formats import Columns, Example, Normalizer
+from kubetune_trainer.packing import DataCollator, chunk, pack_blocks, pack_greedy
+
+log = logging.getLogger("kubetune.data")
+
+STREAM_EVAL_MAX_ROWS = 1000
+_ENCODE_BATCH = 512
+
+
+@dataclass
+class DataStats:
+    """Counts for logs and ``kubetune inspect-data``. ``None``: not known up front (streaming)."""
+
+    rows: int | None = 0  # rows read, every source, bad ones included
+    skipped_bad_rows: int | None = 0  # on_bad_row: skip
+    empty_rows: int | None = 0  # empty text rows (pre-training), skipped
+    samples: int | None = 0  # training samples (conversations / documents / preference pairs)
+    eval_samples: int | None = 0
+    mixed_samples: int | None = 0  # of `samples`, how many came from dataset.mix sources
+    tokens: int | None = 0  # tokens of the training samples, after truncation
+    trainable_tokens: int | None = 0  # of those, tokens in the loss
+    truncated: int | None = 0  # samples cut at seq_length
+    no_trainable: int | None = 0  # samples dropped: no token left in the loss (e.g. reply truncated away)
+    sequences: int | None = 0  # rows the trainer iterates (packed rows, blocks, or samples)
+    packing_efficiency: float | None = None  # tokens / (sequences * seq_length) when packed
+    streaming: bool = False
+    bad_row_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        def n(v: Any) -> str:
+            return "?" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.1%}"
+
+        parts = [
+            f"samples {n(self.samples)}", f"eval {n(self.eval_samples)}", f"tokens {n(self.tokens)}",
+            f"trainable tokens {n(self.trainable_tokens)}", f"truncated {n(self.truncated)}",
+            f"no trainable token {n(self.no_trainable)}", f"skipped bad rows {n(self.skipped_bad_rows)}",
+            f"sequences {n(self.sequences)}",
+        ]  # fmt: skip
+        if self.mixed_samples:
+            parts.append(f"from mix {n(self.mixed_samples)}")
+        if self.empty_rows:
+            parts.append(f"empty rows {n(self.empty_rows)}")
+        if self.packing_efficiency is not None:
+            parts.append(f"packing efficiency {n(self.packing_efficiency)}")
+        if self.streaming:
+            parts.append("streaming: counted as read")
+        return ", ".join(parts)
+
+
+@dataclass
+class BuiltData:
+    """What :func:`build_datasets` hands the trainer."""
+
+    train_dataset: Any  # datasets.Dataset, or PretrainStream (torch IterableDataset) when streaming
+    eval_dataset: Any | None  # same kind; None without validation_split
+    data_collator: DataCollator | None  # None for dpo: TRL's DPOTrainer collates itself
+    stats: DataStats
+    method: str  # sft | pretrain | dpo
+    packed: bool  # rows carry position_ids (one segment per sample), no attention_mask
+    streaming: bool
+    # ids that close a reply as rendered: add them to generation_config.eos_token_id
+    end_of_turn_token_ids: list[int]
+
+
+# ---------------------------------------------------------------- reading
+
+
+class _Reader:
+    """Rows of one source, normalised, with counts."""
+
+    def __init__(self, uri: str, fmt: str, cols: Columns, method: str, s3: Any, bad: BadRows) -> None:
+        self.uri = uri
+        self.cols = cols
+        self.s3 = s3
+        self.bad = bad
+        self.norm = Normalizer(fmt, cols, method, bad)
+        self.rows = 0
+
+    def rows_iter(self) -> Iterator[Row]:
+        for row in iter_rows(self.uri, self.s3, text_column=self.cols.text, on_bad=self._on_bad):
+            self.rows += 1
+            yield row
+
+    def _on_bad(self, err: Any) -> None:
+        self.rows += 1  # unreadable rows count as read
+        self.bad(err)
+
+    def __iter__(self) -> Iterator[Example]:
+        for row in self.rows_iter():
+            ex = self.norm(row)
+            if ex is not None:
+                yield ex
+
+    def read_all(self) -> list[Example]:
+        out = list(self)
+        if not out:
+            raise DataError(f"{self.uri}: no usable rows ({self.rows} read, {self.bad.count} bad)")
+        return out
+
+
+def _main_format(spec: Any) -> str:
+    fmt = spec.dataset_format()
+    if spec.method == "pretrain":
+        return "text"  # chat formats need dataset.columns.text for pretrain (a validation rule)
+    return fmt
+
+
+def _mix_format(src: Any) -> str:
+    # auto: the Normalizer detects it (a text column -> text for pretrain, else a chat format)
+    return src.format
+
+
+def _split(examples: list[Any], fraction: float, seed: int, what: str) -> tuple[list[Any], list[Any]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    if fraction <= 0:
+        return [examples[i] for i in order], []
+    n_eval = max(1, round(len(examples) * fraction))
+    if len(examples) - n_eval < 1:
+        raise DataError(
+            f"{what}: {len(examples)} usable rows cannot be split with validation_split {fraction}: "
+            "nothing would be left to train on"
+        )
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def _mix_counts(n_main: int, ratios: list[float]) -> list[int]:
+    total_ratio = sum(ratios)
+    if total_ratio >= 1:
+        raise DataError(
+            f"dataset.mix ratios add up to {total_ratio:g}; they must leave a share for dataset.uri (sum < 1)"
+        )
+    total = n_main / (1 - total_ratio)
+    return [max(1, round(r * total)) for r in ratios]
+
+
+def _draw(examples: list[Example], n: int, seed: int) -> list[Example]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[order[j % len(order)]] for j in range(n)]
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def _encode_all(
+    renderer: ChatRenderer, examples: Iterable[Example], *, truncate: bool, stats: DataStats | None
+) -> Iterator[Encoded]:
+    """Encode lazily in tokenizer batches; count and drop samples with nothing to train."""
+    batch: list[Example] = []
+
+    def flush() -> Iterator[Encoded]:
+        for enc in renderer.encode_batch(batch, truncate=truncate):
+            trainable = enc.trainable
+            if stats is not None:
+                stats.truncated += int(enc.truncated)
+                if trainable == 0:
+                    stats.no_trainable += 1
+                else:
+                    stats.samples += 1
+                    stats.tokens += len(enc.input_ids)
+                    stats.trainable_tokens += trainable
+            if trainable:
+                yield enc
+        batch.clear()
+
+    for ex in examples:
+        batch.append(ex)
+        if len(batch) >= _ENCODE_BATCH:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def _sequences(
+    encoded: Iterable[Encoded], method: str, packing: bool, seq_length: int
+) -> Iterator[dict[str, list[int]]]:
+    if method == "pretrain":
+        return pack_blocks(encoded, seq_length) if packing else chunk(encoded, seq_length)
+    if packing:
+        return pack_greedy(encoded, seq_length)
+    return ({"input_ids": e.input_ids, "labels": e.labels} for e in encoded)
+
+
+def _to_dataset(rows: Iterable[dict[str, list[int]]]) -> Any:
+    import datasets
+
+    columns: dict[str, list[list[int]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            columns.setdefault(key, []).append(value)
+    if not columns:
+        columns = {"input_ids": [], "labels": []}
+    return datasets.Dataset.from_dict(columns)
+
+
+def _tokenized_dataset(
+    renderer: ChatRenderer,
+    examples: list[Example],
+    *,
+    method: str,
+    packing: bool,
+    seq_length: int,
+    stats: DataStats | None,
+) -> Any:
+    truncate = method != "pretrain"  # pre-training cuts documents into blocks instead
+    encoded = _encode_all(renderer, examples, truncate=truncate, stats=stats)
+    ds = _to_dataset(_sequences(encoded, method, packing, seq_length))
+    if stats is not None:
+        stats.sequences = len(ds)
+        if packing or method == "pretrain":
+            total = sum(len(x) for x in ds["input_ids"]) if len(ds) else 0
+            stats.packing_efficiency = total / (len(ds) * seq_length) if len(ds) else None
+    return ds
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def _held_out(index: int, seed: int, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64 < fraction
+
+
+class PretrainStream(IterableDataset):
+    """Lazily read, tokenized and packed pre-training data (a torch ``IterableDataset``).
+
+    Deterministic: iterating twice yields the same blocks, so the Trainer's skip-on-resume lands
+    exactly where the interrupted run stopped. With DataLoader workers each worker reads the whole
+    stream and keeps every n-th block, which preserves the order (at n times the tokenizing cost).
+    """
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        s3: Any,
+        cols: Columns,
+        renderer: ChatRenderer,
+        seq_length: int,
+        packing: bool,
+        on_bad_row: str,
+        validation_split: float,
+        seed: int,
+        part: str = "train",
+        mix: list[tuple[list[Example], float]] | None = None,
+        max_eval_rows: int = STREAM_EVAL_MAX_ROWS,
+    ) -> None:
+        self.uri, self.s3, self.cols, self.renderer = uri, s3, cols, renderer
+        self.seq_length, self.packing, self.on_bad_row = seq_length, packing, on_bad_row
+        self.validation_split, self.seed, self.part = validation_split, seed, part
+        self.mix = mix or []
+        self.max_eval_rows = max_eval_rows
+        self.stats = DataStats(streaming=True)
+
+    def _documents(self, stats: DataStats, bad: BadRows) -> Iterator[Example]:
+        reader = _Reader(self.uri, "text", self.cols, "pretrain", self.s3, bad)
+        kept = 0
+        for index, ex in enumerate(reader):
+            held = _held_out(index, self.seed, self.validation_split)
+            if (self.part == "eval") != held:
+                continue
+            kept += 1
+            yield ex
+            if self.part == "eval" and kept >= self.max_eval_rows:
+                break
+        stats.rows = reader.rows
+        stats.empty_rows = reader.norm.empty
+
+    def _with_mix(self, docs: Iterator[Example]) -> Iterator[Example]:
+        if not self.mix or self.part == "eval":
+            yield from docs
+            return
+        total_ratio = sum(r for _, r in self.mix)
+        # per main document, each mix source adds ratio / (1 - sum) samples on average
+        rates = [r / (1 - total_ratio) for _, r in self.mix]
+        acc = [0.0] * len(self.mix)
+        pos = [0] * len(self.mix)
+        orders = []
+        for i, (exs, _) in enumerate(self.mix):
+            order = list(range(len(exs)))
+            random.Random(self.seed + 1 + i).shuffle(order)
+            orders.append(order)
+        for doc in docs:
+            yield doc
+            for i, (exs, _) in enumerate(self.mix):
+                acc[i] += rates[i]
+                while acc[i] >= 1:
+                    acc[i] -= 1
+                    yield exs[orders[i][pos[i] % len(exs)]]
+                    pos[i] += 1
+                    self.stats.mixed_samples = (self.stats.mixed_samples or 0) + 1
+
+    def iter_sequences(self) -> Iterator[dict[str, list[int]]]:
+        stats = DataStats(streaming=True)
+        self.stats = stats
+        bad = BadRows(self.on_bad_row)
+        docs = self._with_mix(self._documents(stats, bad))
+        encoded = _encode_all(self.renderer, docs, truncate=False, stats=stats)
+        n = 0
+        for seq in _sequences(encoded, "pretrain", self.packing, self.seq_length):
+            n += 1
+            stats.sequences = n
+            yield seq
+        stats.skipped_bad_rows = bad.count
+        stats.bad_row_examples = list(bad.first)
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        info = get_worker_info()
+        for i, seq in enumerate(self.iter_sequences()):
+            if info is None or i % info.num_workers == info.id:
+                yield seq
+
+
+# ---------------------------------------------------------------- DPO
+
+
+def _preference_dataset(
+    renderer: ChatRenderer, examples: list[Example], seq_length: int, stats: DataStats | None
+) -> Any:
+    import datasets
+
+    rows = [renderer.preference_row(ex) for ex in examples]
+    if stats is not None and rows:
+        tok = renderer.tok
+        for start in range(0, len(rows), _ENCODE_BATCH):
+            part = rows[start : start + _ENCODE_BATCH]
+            prompt = tok([r["prompt"] for r in part])["input_ids"]
+            chosen = tok([r["chosen"] for r in part], add_special_tokens=False)["input_ids"]
+            rejected = tok([r["rejected"] for r in part], add_special_tokens=False)["input_ids"]
+            for p, c, r in zip(prompt, chosen, rejected, strict=True):
+                stats.samples += 1
+                stats.tokens += 2 * len(p) + len(c) + len(r)
+                stats.trainable_tokens += len(c) + len(r)
+                if len(p) + max(len(c), len(r)) > seq_length:
+                    stats.truncated += 1
+                if len(p) >= seq_length:
+                    stats.no_trainable += 1
+        stats.sequences = len(rows)
+    cols = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+    return datasets.Dataset.from_dict(cols)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_datasets(job: Any, tokenizer: Any, seed: int) -> BuiltData:
+    """Read, normalise, render, mask and pack the job's data. Raises :class:`DataError` (a ValueError)
+    with a user-facing message (file, row and field for a bad row) when the data is unusable."""
+    spec = job.spec
+    ds = spec.dataset
+    method = spec.method
+    training = spec.training
+    seq_length = training.seq_length
+    s3 = spec.storage.s3 if spec.storage is not None else None
+    cols = Columns.from_spec(ds.columns)
+    renderer = ChatRenderer(
+        tokenizer,
+        apply_chat_template=ds.apply_chat_template,
+        system_prompt=ds.system_prompt,
+        seq_length=seq_length,
+    )
+    eot = renderer.end_of_turn_token_ids()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise DataError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
+    collator = DataCollator(pad_token_id=pad_id)
+    bad = BadRows(ds.on_bad_row)
+    stats = DataStats()
+
+    if ds.streaming:
+        if method != "pretrain":
+            raise DataError(f"dataset.streaming is supported for method pretrain only, not {method}")
+        if training.max_steps is None:
+            raise DataError(
+                "dataset.streaming needs training.max_steps: the length of a stream is not known up front"
+            )
+        mix = []
+        for src in ds.mix:
+            reader = _Reader(src.uri, _mix_format(src), Columns.from_spec(src.columns), method, s3, bad)
+            mix.append((reader.read_all(), src.ratio))
+        if mix:
+            _mix_counts(1, [r for _, r in mix])  # checks the ratios
+        common = dict(
+            uri=ds.uri, s3=s3, cols=cols, renderer=renderer, seq_length=seq_length, packing=training.packing,
+            on_bad_row=ds.on_bad_row, validation_split=ds.validation_split, seed=seed,
+        )  # fmt: skip
+        train = PretrainStream(part="train", mix=mix, **common)
+        evald = PretrainStream(part="eval", **common) if ds.validation_split > 0 else None
+        unknown = DataStats(
+            rows=None, skipped_bad_rows=None, empty_rows=None, samples=None, eval_samples=None,
+            mixed_samples=None, tokens=None, trainable_tokens=None, truncated=None, no_trainable=None,
+            sequences=None, streaming=True,
+        )  # fmt: skip
+        return BuiltData(train, evald, collator, unknown, method, training.packing, True, eot)
+
+    main = _Reader(ds.uri, _main_format(spec), cols, method, s3, bad)
+    examples = main.read_all()
+    stats.rows = main.rows
+    stats.empty_rows = main.norm.empty
+    train_ex, eval_ex = _split(examples, ds.validation_split, seed, ds.uri)
+
+    if ds.mix:
+        if method == "dpo":
+            raise DataError("dataset.mix is not supported with method dpo")
+        counts = _mix_counts(len(train_ex), [m.ratio for m in ds.mix])
+        for i, (src, n) in enumerate(zip(ds.mix, counts, strict=True)):
+            reader = _Reader(src.uri, _mix_format(src), Columns.from_spec(src.columns), method, s3, bad)
+            drawn = _draw(reader.read_all(), n, seed + 1 + i)
+            stats.rows += reader.rows
+            stats.mixed_samples += len(drawn)
+            train_ex += drawn
+        random.Random(seed + 1000).shuffle(train_ex)
+
+    if method == "dpo":
+        train = _preference_dataset(renderer, train_ex, seq_length, stats)
+        evald = _preference_dataset(renderer, eval_ex, seq_length, None) if eval_ex else None
+        stats.eval_samples = len(eval_ex)
+        collator = None
+        packed = False
+    else:
+        train = _tokenized_dataset(
+            renderer, train_ex, method=method, packing=training.packing, seq_length=seq_length, stats=stats
+        )
+        if stats.samples == 0:
+            raise DataError(
+                f"{ds.uri}: no sample has a token to train on after rendering and truncation to "
+                f"seq_length {seq_length} ({stats.no_trainable} samples dropped)"
+            )
+        evald = None
+        if eval_ex:
+            eval_stats = DataStats()
+            evald = _tokenized_dataset(
+                renderer, eval_ex, method=method, packing=training.packing, seq_length=seq_length,
+                stats=eval_stats,
+            )  # fmt: skip
+            stats.eval_samples = eval_stats.samples
+            if len(evald) == 0:
+                evald = None
+        packed = "position_ids" in train.column_names
+    stats.skipped_bad_rows = bad.count
+    stats.bad_row_examples = list(bad.first)
+    log.debug("data: %s", stats.summary())
+    return BuiltData(train, evald, collator, stats, method, packed, False, eot)
+
+
+def preview(job: Any, tokenizer: Any, n: int = 3) -> list[tuple[Example, Any]]:
+    """The first ``n`` usable examples of the main source, in file order, rendered:
+    (example, Encoded) for sft/pretrain, (example, {prompt, chosen, rejected}) for dpo."""
+    spec = job.spec
+    ds = spec.dataset
+    renderer = ChatRenderer(
+        tokenizer,
+        apply_chat_template=ds.apply_chat_template,
+        system_prompt=ds.system_prompt,
+        seq_length=spec.training.seq_length,
+    )
+    reader = _Reader(
+        ds.uri, _main_format(spec), Columns.from_spec(ds.columns), spec.method,
+        spec.storage.s3 if spec.storage is not None else None, BadRows(ds.on_bad_row),
+    )  # fmt: skip
+    out: list[tuple[Example, Any]] = []
+    for ex in reader:
+        if len(out) >= n:
+            break
+        if spec.method == "dpo":
+            out.append((ex, renderer.preference_row(ex)))
+        else:
+            out.append((ex, renderer.encode(ex, truncate=spec.method != "pretrain")))
+    return out
+
+
+__all__ = ["BuiltData", "DataStats", "PretrainStream", "build_datasets", "preview"]
