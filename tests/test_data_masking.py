@@ -213,6 +213,13 @@ def test_dpo_rows_for_trl(tokenizer: Any) -> None:
     prompts = list(built.train_dataset["prompt"]) + list(built.eval_dataset["prompt"])
     assert any(p.startswith("<|im_start|>system\nBe kind.") for p in prompts)
     assert any(p.startswith("<|im_start|>system\n") and "Be kind." not in p for p in prompts)
+    # as TRL tokenizes them: the prompt's tokens are a prefix of prompt+chosen, and the completion ends
+    # with the end-of-turn token (so TRL adds no second EOS and DPO trains the model to stop)
+    for row in built.train_dataset:
+        p = tokenizer(row["prompt"])["input_ids"]
+        for key in ("chosen", "rejected"):
+            full = tokenizer(row["prompt"] + row[key])["input_ids"]
+            assert full[: len(p)] == p and full[-1] == tokenizer.eos_token_id
 
     tok = llama3_tokenizer(tokenizer)
     r = ChatRenderer(tok, apply_chat_template=True)

@@ -324,11 +324,37 @@ def test_streaming_build_requires_max_steps(tokenizer: Any) -> None:
     )  # fmt: skip
     built = build_datasets(job, tokenizer, seed=0)
     assert built.streaming and isinstance(built.train_dataset, torch_iterable())
-    blocks = list(built.train_dataset)
+    blocks = list(built.train_dataset.iter_sequences())  # one pass
     assert blocks and all(len(b["input_ids"]) <= 256 for b in blocks)
     st = built.train_dataset.stats
     assert st.mixed_samples == pytest.approx(st.samples * 0.25, abs=2)
-    assert list(built.eval_dataset)
+    assert list(built.eval_dataset)  # the eval stream is finite
+    # the training stream repeats pass after pass (max_steps ends training)
+    two_passes = list(itertools.islice(iter(built.train_dataset), 2 * len(blocks)))
+    assert two_passes == blocks + blocks
+
+
+def test_streaming_resume_skips_to_the_same_batch_even_after_wrapping(tokenizer: Any) -> None:
+    """What the Trainer does on resume: accelerate's skip_first_batches over a fresh dataloader."""
+    from accelerate.data_loader import skip_first_batches
+    from torch.utils.data import DataLoader
+
+    stream = _stream(tokenizer, EXAMPLE_DATA / "c4_118.jsonl", repeat=True)
+    n_pass = sum(1 for _ in stream.iter_sequences())
+    collate = DataCollator(pad_token_id=tokenizer.pad_token_id)
+
+    def loader() -> DataLoader:
+        return DataLoader(stream, batch_size=4, collate_fn=collate)
+
+    per_pass = -(-n_pass // 4)
+    total = per_pass + 5  # beyond the end of the first pass
+    uninterrupted = [b["input_ids"].tolist() for b in itertools.islice(loader(), total)]
+    for done in (3, per_pass + 2):
+        resumed = [
+            b["input_ids"].tolist()
+            for b in itertools.islice(skip_first_batches(loader(), done), total - done)
+        ]
+        assert resumed == uninterrupted[done:]
 
 
 def torch_iterable() -> type:

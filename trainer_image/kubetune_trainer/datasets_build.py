@@ -25,12 +25,13 @@ permutation of its samples (repeated when it has fewer). Held-out evaluation row
 source only. Mix sources use the main dataset's ``system_prompt`` and ``apply_chat_template``.
 
 Streaming (pre-training only; needs ``training.max_steps``): rows are read, tokenized and packed as
-the trainer consumes them, in file order (no shuffling: shuffle the corpus beforehand). The order
-is a pure function of the files and the seed, so a resumed run sees exactly the batches the
-interrupted run would have seen next (the Trainer skips the consumed batches by reading them again;
-resuming therefore costs re-reading the consumed part). Held-out rows are chosen by a seeded hash
-of the row index (at most ``STREAM_EVAL_MAX_ROWS`` of them are evaluated). Mix sources are read
-into memory and interleaved at a fixed cadence.
+the trainer consumes them, in file order (no shuffling: shuffle the corpus beforehand), pass after
+pass until max_steps. The order is a pure function of the files and the seed, so a resumed run sees
+exactly the batches the interrupted run would have seen next; the cost is that the Trainer skips the
+consumed batches by reading and tokenizing them again. s3:// data is downloaded to the local cache
+(disk, not memory) before reading. Held-out rows are chosen by a seeded hash of the row index (at
+most ``STREAM_EVAL_MAX_ROWS`` of them are evaluated). Mix sources are read into memory and
+interleaved at a fixed cadence.
 """
 
 from __future__ import annotations
@@ -233,16 +234,32 @@ def _sequences(
     return ({"input_ids": e.input_ids, "labels": e.labels} for e in encoded)
 
 
-def _to_dataset(rows: Iterable[dict[str, list[int]]]) -> Any:
+def _to_dataset(rows: Iterable[dict[str, list[int]]], chunk_rows: int = 20_000) -> Any:
+    """Rows -> an Arrow-backed ``datasets.Dataset`` of int32 lists, built a chunk at a time so that only
+    one chunk is ever held as Python lists."""
     import datasets
 
+    int_list = getattr(datasets, "List", datasets.Sequence)(datasets.Value("int32"))
+    parts: list[Any] = []
     columns: dict[str, list[list[int]]] = {}
+
+    def flush() -> None:
+        feats = datasets.Features({k: int_list for k in columns})
+        parts.append(datasets.Dataset.from_dict(columns, features=feats))
+        columns.clear()
+
+    n = 0
     for row in rows:
         for key, value in row.items():
             columns.setdefault(key, []).append(value)
-    if not columns:
-        columns = {"input_ids": [], "labels": []}
-    return datasets.Dataset.from_dict(columns)
+        n += 1
+        if n % chunk_rows == 0:
+            flush()
+    if columns or not parts:
+        if not columns:
+            columns = {"input_ids": [], "labels": []}
+        flush()
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def _tokenized_dataset(
@@ -298,12 +315,14 @@ class PretrainStream(IterableDataset):
         part: str = "train",
         mix: list[tuple[list[Example], float]] | None = None,
         max_eval_rows: int = STREAM_EVAL_MAX_ROWS,
+        repeat: bool = False,
     ) -> None:
         self.uri, self.s3, self.cols, self.renderer = uri, s3, cols, renderer
         self.seq_length, self.packing, self.on_bad_row = seq_length, packing, on_bad_row
         self.validation_split, self.seed, self.part = validation_split, seed, part
         self.mix = mix or []
         self.max_eval_rows = max_eval_rows
+        self.repeat = repeat
         self.stats = DataStats(streaming=True)
 
     def _documents(self, stats: DataStats, bad: BadRows) -> Iterator[Example]:
@@ -359,10 +378,22 @@ class PretrainStream(IterableDataset):
         stats.bad_row_examples = list(bad.first)
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        """One pass, or (``repeat``, the training stream) pass after pass without end: the Trainer then
+        sees one endless epoch that max_steps ends, and its skip-on-resume counts through earlier
+        passes too, so a resume lands on the same block even after the data wrapped around."""
         info = get_worker_info()
-        for i, seq in enumerate(self.iter_sequences()):
-            if info is None or i % info.num_workers == info.id:
-                yield seq
+        i = 0
+        while True:
+            produced = 0
+            for seq in self.iter_sequences():
+                produced += 1
+                if info is None or i % info.num_workers == info.id:
+                    yield seq
+                i += 1
+            if not self.repeat:
+                return
+            if produced == 0:
+                raise DataError(f"{self.uri}: the stream holds no text to train on")
 
 
 # ---------------------------------------------------------------- DPO
@@ -438,7 +469,7 @@ def build_datasets(job: Any, tokenizer: Any, seed: int) -> BuiltData:
             uri=ds.uri, s3=s3, cols=cols, renderer=renderer, seq_length=seq_length, packing=training.packing,
             on_bad_row=ds.on_bad_row, validation_split=ds.validation_split, seed=seed,
         )  # fmt: skip
-        train = PretrainStream(part="train", mix=mix, **common)
+        train = PretrainStream(part="train", mix=mix, repeat=True, **common)
         evald = PretrainStream(part="eval", **common) if ds.validation_split > 0 else None
         unknown = DataStats(
             rows=None, skipped_bad_rows=None, empty_rows=None, samples=None, eval_samples=None,
