@@ -240,3 +240,32 @@ def test_csv_history_as_json_text(tmp_path: Path) -> None:
 
 def test_role_constants() -> None:
     assert {SYSTEM, USER, ASSISTANT, TOOL} == {"system", "user", "assistant", "tool"}
+
+
+def test_check_dataset_for_validate(tmp_path: Path) -> None:
+    """What `kubetune validate` can report about local data, without a tokenizer."""
+    import subprocess
+    import sys
+
+    from kubetune_trainer.formats import check_dataset
+
+    pref = write_rows(
+        tmp_path / "pref.json",
+        [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p2", "chosen": "c2"}],
+    )
+    assert check_dataset(make_job({"uri": str(pref)}, method="dpo").spec) == [
+        f"{pref} row 2: field 'rejected': missing (the row has: chosen, prompt)"
+    ]
+    alpaca = str(EXAMPLE_DATA / "alpaca_en_200.json")
+    assert check_dataset(make_job({"uri": alpaca}).spec) == []
+    dpo_on_sft = check_dataset(make_job({"uri": alpaca}, method="dpo").spec, limit=2)
+    assert dpo_on_sft[0].endswith("row 1: field 'chosen': missing (the row has: input, instruction, output)")
+    pretrain_on_chat = check_dataset(make_job({"uri": alpaca}, method="pretrain").spec, limit=1)
+    assert pretrain_on_chat[0].endswith(
+        "row 1: field 'text': missing (the row has: input, instruction, output)"
+    )
+    assert check_dataset(make_job({"uri": "s3://bucket/data.json"}).spec) == []
+    assert "no such file" in check_dataset(make_job({"uri": str(tmp_path / "nope.json")}).spec)[0]
+    # usable by the operator-free CLI: no torch import
+    code = "import sys, kubetune_trainer.formats; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -416,7 +416,42 @@ class Normalizer:
         return ex
 
 
+def check_dataset(spec: Any, limit: int = 200) -> list[str]:
+    """Problems in the first ``limit`` rows of a job's local data (path, file:// or a mounted pvc://),
+    for ``kubetune validate``: format detection and every bad row, each naming file, row and field.
+    s3:// and hf:// data is not read here (no credentials at validation time); returns [] for it.
+    Needs no tokenizer and no torch."""
+    from itertools import islice
+
+    from kubetune.uris import parse_uri
+    from kubetune_trainer.data_sources import iter_rows
+
+    problems: list[str] = []
+    ds = spec.dataset
+    sources = [(ds, spec.dataset_format() if spec.method != "pretrain" else "text")]
+    sources += [(m, m.format) for m in ds.mix]
+    for src, fmt in sources:
+        try:
+            if parse_uri(src.uri).scheme in ("s3", "hf"):
+                continue
+        except ValueError as e:
+            problems.append(f"{src.uri}: {e}")
+            continue
+        cols = Columns.from_spec(src.columns)
+
+        def collect(err: BadRowError) -> None:
+            problems.append(str(err))
+
+        norm = Normalizer(fmt, cols, spec.method, collect)
+        try:
+            for row in islice(iter_rows(src.uri, text_column=cols.text, on_bad=collect), limit):
+                norm(row)
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
 __all__ = [
     "ASSISTANT", "Columns", "Example", "FORMATS", "Normalizer", "PARSERS", "SYSTEM", "TOOL", "Turn", "USER",
-    "detect_format",
+    "check_dataset", "detect_format",
 ]  # fmt: skip
