@@ -329,6 +329,8 @@ def test_streaming_build_requires_max_steps(tokenizer: Any) -> None:
     st = built.train_dataset.stats
     assert st.mixed_samples == pytest.approx(st.samples * 0.25, abs=2)
     assert list(built.eval_dataset)  # the eval stream is finite
+    # fixed-width batches (accelerate concatenates one batch per rank when it dispatches a stream)
+    assert built.data_collator(blocks[-1:])["input_ids"].shape == (1, 256)
     # the training stream repeats pass after pass (max_steps ends training)
     two_passes = list(itertools.islice(iter(built.train_dataset), 2 * len(blocks)))
     assert two_passes == blocks + blocks

@@ -476,7 +476,10 @@ def build_datasets(job: Any, tokenizer: Any, seed: int) -> BuiltData:
             mixed_samples=None, tokens=None, trainable_tokens=None, truncated=None, no_trainable=None,
             sequences=None, streaming=True,
         )  # fmt: skip
-        return BuiltData(train, evald, collator, unknown, method, training.packing, True, eot)
+        # Every batch exactly seq_length wide: with several processes accelerate reads an
+        # IterableDataset on rank 0 and concatenates one batch per rank before dispatching them.
+        fixed = DataCollator(pad_token_id=pad_id, pad_to_multiple_of=seq_length)
+        return BuiltData(train, evald, fixed, unknown, method, training.packing, True, eot)
 
     main = _Reader(ds.uri, _main_format(spec), cols, method, s3, bad)
     examples = main.read_all()
