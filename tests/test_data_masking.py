@@ -147,6 +147,20 @@ def test_tokenizer_without_chatml_tokens_ends_turns_with_eos_and_adds_bos() -> N
     pref = r.preference_row(Example("preference", (Turn(USER, "hi"),), chosen="a", rejected="b"))
     assert pref["chosen"] == "a</s>" and not pref["prompt"].startswith("<s>")  # TRL adds BOS itself
 
+    # its own template writes the BOS: exactly one BOS, replies end with </s>
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    r = ChatRenderer(tok, apply_chat_template=True)
+    enc = r.encode(CONV)
+    assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids.count(tok.bos_token_id) == 1
+    assert trained_spans(tok, enc) == [f"{x}</s>" for x in REPLIES]
+    pref = r.preference_row(Example("preference", (Turn(USER, "hi"),), chosen="a", rejected="b"))
+    # (jinja trim_blocks eats the newline after a block tag)
+    assert pref == {"prompt": "[user] hi[assistant] ", "chosen": "a</s>", "rejected": "b</s>"}
+
 
 def test_refuses_templates_that_rewrite_earlier_turns(tokenizer: Any) -> None:
     tok = copy.deepcopy(tokenizer)
