@@ -6,7 +6,25 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from kubetune.spec import FineTuneJob
 from kubetune.validate import SpecError, load_job, load_jobs
+
+
+def _local_data_problems(job: FineTuneJob) -> list[str]:
+    """Bad rows in the job's data when it is on this machine (needs the trainer extra; else skipped)."""
+    from pathlib import Path
+
+    from kubetune.uris import parse_uri
+
+    sources = [job.spec.dataset.uri, *(m.uri for m in job.spec.dataset.mix)]
+    local = [parse_uri(u) for u in sources]
+    if not any(u.scheme == "file" and Path(u.path).exists() for u in local):
+        return []  # remote (s3://, pvc://, a path inside the image): checked when the trainer reads it
+    try:
+        from kubetune_trainer.formats import check_dataset
+    except ImportError:
+        return []
+    return check_dataset(job.spec)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -19,8 +37,12 @@ def _validate(args: argparse.Namespace) -> int:
                 print(problem, file=sys.stderr)
             bad += 1
             continue
-        if not args.quiet:
-            for job in jobs:
+        for job in jobs:
+            data_problems = [] if args.no_data else _local_data_problems(job)
+            for problem in data_problems:
+                print(f"{path} ({job.metadata.name}): spec.dataset: {problem}", file=sys.stderr)
+            bad += bool(data_problems)
+            if not args.quiet and not data_problems:
                 print(
                     f"{path}: {job.metadata.name}: valid ({job.spec.method}, {job.spec.pet_config.pet_type})"
                 )
@@ -75,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check FineTuneJob YAML files")
     p.add_argument("files", nargs="+")
     p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    p.add_argument("--no-data", action="store_true", help="do not read local dataset files")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
@@ -112,6 +135,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 1
+    except Exception as e:
+        if not _is_job_error(e):
+            raise
+        print(f"kubetune: {e}", file=sys.stderr)
+        return 1
+
+
+def _is_job_error(e: Exception) -> bool:
+    """Problems the user fixes (a bad data row, an unreachable model) print as one line, not a traceback."""
+    try:
+        from kubetune_trainer.errors import JobError
+    except ImportError:
+        return False
+    return isinstance(e, JobError)
 
 
 if __name__ == "__main__":

@@ -519,6 +519,12 @@ CROSS_FIELD_RULES: list[Rule] = [
         lambda s: s.parallel_config.strategy != "fsdp" or s.pet_config.pet_type != "qlora",
     ),
     Rule(
+        "spec", "spec.training.max_steps",
+        "!self.dataset.streaming || has(self.training.max_steps)",
+        "dataset.streaming needs training.max_steps (a stream has no known length)",
+        lambda s: not s.dataset.streaming or s.training.max_steps is not None,
+    ),
+    Rule(
         "spec.restart_policy", "spec.restart_policy.max_backoff_seconds",
         "!has(self.max_backoff_seconds) || !has(self.backoff_seconds) || self.max_backoff_seconds >= self.backoff_seconds",
         "max_backoff_seconds must be >= backoff_seconds",

@@ -118,6 +118,7 @@ BAD_COMBINATIONS = [
     ("pretrain-with-chat", {"method": "pretrain", "dataset": {"uri": "s3://data/c.json", "format": "sharegpt"}}, "spec.dataset.columns.text", "map a text column"),
     ("sft-with-text", {"dataset": {"uri": "s3://data/c.txt", "format": "text"}}, "spec.dataset.format", "use method pretrain"),
     ("fsdp-with-qlora", {"pet_config": {"pet_type": "qlora", "quantization": {"bits": 4}}, "parallel_config": {"strategy": "fsdp"}}, "spec.parallel_config.strategy", "not supported with qlora"),
+    ("streaming-without-max-steps", {"method": "pretrain", "dataset": {"uri": "s3://data/c4.jsonl", "streaming": True}}, "spec.training.max_steps", "needs training.max_steps"),
     ("backoff-bounds", {"restart_policy": {"backoff_seconds": 600, "max_backoff_seconds": 60}}, "spec.restart_policy.max_backoff_seconds", ">= backoff_seconds"),
 ]  # fmt: skip
 
@@ -217,3 +218,23 @@ def test_validate_command_exit_codes(tmp_path: Path) -> None:
         [sys.executable, "-m", "kubetune", "validate", *map(str, EXAMPLES)], capture_output=True, text=True
     )
     assert ok.returncode == 0, ok.stderr
+
+
+def test_validate_reads_local_data_and_names_the_bad_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    data = tmp_path / "prefs.jsonl"
+    rows = [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": "Capital of France?", "chosen": "Paris"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = _set(_set(BASE, "spec.method", "dpo"), "spec.dataset", {"uri": str(data), "format": "preference"})
+    job = tmp_path / "dpo.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(job)]) == 1
+    err = capsys.readouterr().err
+    assert "prefs.jsonl row 2: field 'rejected'" in err and "spec.dataset" in err
+    assert main(["validate", "--no-data", str(job)]) == 0
