@@ -1,0 +1,142 @@
+"""``python -m kubetune_trainer --config job.yaml [--workdir DIR]``: what every trainer process runs.
+
+torchrun starts it once per process (in pods, and locally through ``kubetune run``); RANK,
+WORLD_SIZE and LOCAL_RANK come from torchrun's environment (a plain ``python -m`` call is a single
+process). ``--config`` defaults to where the operator mounts the job (/etc/kubetune/job.yaml);
+``--workdir`` (node-local scratch: checkpoints, downloads of this job) defaults to
+``$KUBETUNE_CACHE_DIR/work/<job name>`` (``~/.cache/kubetune`` without the variable).
+
+Exit status: 0 when training finished and the final model is written; 1 for a problem the job's
+author fixes (one line on stderr naming it, no traceback); 2 for an invalid job file;
+75 (``EXIT_PREEMPTED``) when training stopped before its last step (stopped by a callback, e.g.
+on SIGTERM) so the gang can be restarted and resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kubetune.conventions import CONFIG_PATH, EXIT_PREEMPTED
+from kubetune.validate import SpecError, load_job
+
+if TYPE_CHECKING:
+    from kubetune.spec import FineTuneJob
+    from kubetune_trainer.train import TrainResult
+
+
+def default_workdir(job: FineTuneJob) -> Path:
+    from kubetune_trainer.model_loading import cache_root
+
+    return cache_root() / "work" / job.metadata.name
+
+
+def run_job(job: FineTuneJob, workdir: Path) -> TrainResult:
+    """Everything one trainer process does for a job.
+
+    The place where checkpoint sync to the object store, the SIGTERM save, progress.json and the
+    upload of an s3:// output plug in: build their `TrainerCallback`s and the local checkpoint to
+    resume from, pass them to `run_training`, upload `result.output_dir` when it is not the output
+    URI itself.
+    """
+    from kubetune_trainer.resilience import Resilience
+    from kubetune_trainer.train import run_training
+
+    with Resilience(job, workdir=workdir) as res:
+        result = run_training(job, workdir=workdir, callbacks=res.callbacks(), resume_from=res.resume_from)
+        res.finish(result)
+    return result
+
+
+def _setup_logging(rank: int) -> None:
+    """kubetune's own INFO lines on rank 0; other libraries' warnings (errors only on other ranks)."""
+    from kubetune_trainer.train import quiet_known_noise
+
+    prefix = "" if int(os.environ.get("WORLD_SIZE", 1)) == 1 else f"[rank {rank}] "
+    logging.basicConfig(
+        level=logging.WARNING if rank == 0 else logging.ERROR,
+        format=f"{prefix}%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("kubetune").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    quiet_known_noise()
+    if rank != 0:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kubetune_trainer.data_sources import DataError
+    from kubetune_trainer.errors import JobError
+    from kubetune_trainer.store import StoreError
+
+    return (JobError, DataError, StoreError)
+
+
+def _summary(result: TrainResult) -> str:
+    parts = [f"done: {result.global_step} steps in {result.runtime_seconds:.0f}s"]
+    if result.first_loss is not None and result.last_loss is not None:
+        parts.append(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
+    if result.eval_loss is not None:
+        parts.append(f"eval_loss {result.eval_loss:.4f}")
+    parts += [f"{name}: {path}" for name, path in result.exported.items()]
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m kubetune_trainer", description="Run a FineTuneJob (one process)."
+    )
+    p.add_argument("--config", default=CONFIG_PATH, help=f"the FineTuneJob YAML (default {CONFIG_PATH})")
+    p.add_argument(
+        "--workdir", default=None, help="node-local scratch (default $KUBETUNE_CACHE_DIR/work/<name>)"
+    )
+    args = p.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    tag = "" if rank == 0 else f" (rank {rank})"
+    try:
+        job = load_job(args.config)
+    except SpecError as e:
+        for problem in e.problems:
+            print(f"kubetune: {problem}", file=sys.stderr)
+        return 2
+    _setup_logging(rank)
+    workdir = Path(args.workdir) if args.workdir else default_workdir(job)
+    try:
+        result = run_job(job, workdir)
+    except _user_errors() as e:
+        print(f"kubetune: error{tag}: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        _destroy_process_group()
+    if not result.completed:
+        print(
+            f"kubetune: stopped at step {result.global_step} of {result.max_steps} before the end; "
+            f"exit {EXIT_PREEMPTED} (resumable)",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
+    if rank == 0:
+        print(f"kubetune: {_summary(result)}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _destroy_process_group() -> None:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

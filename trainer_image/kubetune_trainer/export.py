@@ -1,0 +1,98 @@
+"""The final export, in Hugging Face layout with safetensors, under the job's output directory.
+
+- LoRA / QLoRA: ``final/adapter`` holds ``adapter_config.json`` + ``adapter_model.safetensors``
+  (and the tokenizer), loadable with ``peft.PeftModel.from_pretrained(base, dir)``.
+  With ``output.merge_adapter`` also ``final/merged``: the base with the adapter merged in, plus the
+  tokenizer, loadable by plain ``AutoModelForCausalLM.from_pretrained``. For QLoRA the adapter is
+  merged onto the *de-quantized* base (the 4-bit weights the adapter was trained against, expanded
+  to the training dtype), so the merged model computes what the trained model computed.
+- full / freeze: the trained model itself under ``final/merged`` (in the training dtype), with the
+  tokenizer.
+
+Only global rank 0 calls :func:`export_final`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubetune.conventions import ADAPTER_DIR, MERGED_DIR
+
+if TYPE_CHECKING:
+    from kubetune.spec import FineTuneJobSpec
+    from kubetune_trainer.methods import MethodPlan
+    from kubetune_trainer.model_loading import Precision
+
+log = logging.getLogger("kubetune.export")
+
+
+def export_final(
+    model: Any,
+    tokenizer: Any,
+    spec: FineTuneJobSpec,
+    output_dir: Path,
+    *,
+    plan: MethodPlan,
+    precision: Precision,
+    model_dir: Path,
+) -> dict[str, Path]:
+    """Write final/adapter and/or final/merged; returns {"adapter": dir, "merged": dir} as written.
+
+    `model` is the trained (unwrapped) model; for LoRA with merge it is merged in place, so it is
+    not usable for training afterwards.
+    """
+    written: dict[str, Path] = {}
+    if plan.uses_adapter:
+        adapter = _fresh_dir(output_dir / ADAPTER_DIR)
+        model.save_pretrained(adapter, safe_serialization=True)
+        tokenizer.save_pretrained(adapter)
+        written["adapter"] = adapter
+        if not spec.output.merge_adapter:
+            return written
+        if plan.pet_type == "qlora":
+            merged_model = merge_onto_dequantized_base(model_dir, adapter, plan, precision)
+        else:
+            merged_model = model.merge_and_unload()
+    else:
+        merged_model = model.to(precision.dtype)
+    merged = _fresh_dir(output_dir / MERGED_DIR)
+    merged_model.config.use_cache = True
+    merged_model.save_pretrained(merged, safe_serialization=True)
+    tokenizer.save_pretrained(merged)
+    written["merged"] = merged
+    return written
+
+
+def merge_onto_dequantized_base(
+    model_dir: Path, adapter_dir: Path, plan: MethodPlan, precision: Precision
+) -> Any:
+    """Reload the base quantized exactly as in training, de-quantize it, merge the saved adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=precision.dtype,
+        use_safetensors=True,
+        quantization_config=plan.quantization_config,
+        device_map={"": precision.device_type},
+    )
+    base = base.dequantize(dtype=precision.dtype)
+    if getattr(base.config, "quantization_config", None) is not None:
+        del base.config.quantization_config
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path

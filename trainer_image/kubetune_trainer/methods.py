@@ -1,0 +1,291 @@
+"""Which weights train: `spec.pet_config` applied to a loaded model.
+
+- ``full`` (and ``none``): every weight trains.
+- ``freeze``: only the last ``freeze_trainable_layers`` decoder layers train, or, when
+  ``freeze_trainable_modules`` is set, the modules it names. A pattern matches a module when it is
+  the module's full name (``model.norm``), a dotted suffix of it (``lm_head``, ``mlp.down_proj``)
+  or a regular expression matching the whole name (``model\\.layers\\.[23]\\..*``); a parameter
+  trains when its module or any module above it matches.
+- ``lora``: peft LoRA adapters on a frozen base; ``target_modules`` is a regex over module names
+  (``'.*q_proj|.*v_proj'``, matched against the whole name, as peft does), a list of names (each
+  matching a name or its last components) or ``all-linear`` (every linear layer but the output head).
+- ``qlora``: the base is loaded quantized by bitsandbytes (4-bit NF4/FP4, optional double
+  quantization, or 8-bit), prepared with peft's ``prepare_model_for_kbit_training``, then LoRA.
+
+Full and freeze keep trainable weights in fp32 when the model is loaded in bf16/fp16 (mixed
+precision then autocasts), so optimizer updates are not lost to rounding; LoRA adapters are fp32
+through peft's own autocast of adapter dtypes.
+
+:func:`plan_method` runs before anything heavy: where this machine cannot run the method (no
+bitsandbytes, no bitsandbytes backend for the device) it raises a one-line :class:`JobError`, so a
+run never fails with a stack trace half-way into loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubetune_trainer.errors import JobError
+
+if TYPE_CHECKING:
+    from kubetune.spec import FineTuneJobSpec
+    from kubetune_trainer.model_loading import Precision
+
+log = logging.getLogger("kubetune.methods")
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """What `plan_method` decided, before the model is loaded."""
+
+    pet_type: str  # full | freeze | lora | qlora
+    description: str  # for the start-up line, e.g. "qlora (4-bit nf4, double quant, rank 8)"
+    quantization_config: Any = None  # transformers.BitsAndBytesConfig for qlora
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.pet_type in ("lora", "qlora")
+
+
+# ---------------------------------------------------------------- before loading
+
+
+def plan_method(spec: FineTuneJobSpec, precision: Precision) -> MethodPlan:
+    """Check this machine can run the job's method and build what loading needs."""
+    pc = spec.pet_config
+    pet = "full" if pc.pet_type == "none" else pc.pet_type
+    if spec.training.optimizer == "adamw_8bit":
+        _import_bitsandbytes("training.optimizer adamw_8bit")
+    if pet == "full":
+        return MethodPlan("full", "full (every weight trains)")
+    if pet == "freeze":
+        what = (
+            f"modules {', '.join(pc.freeze_trainable_modules)}"
+            if pc.freeze_trainable_modules
+            else f"last {pc.freeze_trainable_layers} layers"
+        )
+        return MethodPlan("freeze", f"freeze (only the {what} train)")
+    lora = f"rank {pc.lora_rank}, alpha {pc.lora_alpha}, target_modules {_show_targets(pc.target_modules)}"
+    if pet == "lora":
+        return MethodPlan("lora", f"lora ({lora})")
+    q = pc.quantization
+    assert q is not None  # the spec's cross-field rules require it for qlora
+    if q.bits == 4:
+        desc = f"4-bit {q.quant_type}{', double quant' if q.double_quant else ''}"
+    else:
+        desc = "8-bit"
+    _probe_bitsandbytes(q.bits, q.quant_type, q.double_quant, precision, desc)
+    return MethodPlan("qlora", f"qlora ({desc}; {lora})", quantization_config(spec, precision))
+
+
+def quantization_config(spec: FineTuneJobSpec, precision: Precision) -> Any:
+    """transformers' BitsAndBytesConfig for `pet_config.quantization`."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = spec.pet_config.quantization
+    assert q is not None
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = precision.dtype if q.compute_dtype == "auto" else getattr(torch, q.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def _show_targets(t: str | list[str]) -> str:
+    return ",".join(t) if isinstance(t, list) else t
+
+
+def _import_bitsandbytes(what: str) -> Any:
+    try:
+        import bitsandbytes
+    except Exception as e:  # noqa: BLE001 - ImportError, or a backend that fails while importing
+        raise JobError(
+            f"{what} needs bitsandbytes, which cannot be imported here ({type(e).__name__}: "
+            f"{_first_line(e)}); install bitsandbytes, or use pet_type lora"
+        ) from None
+    return bitsandbytes
+
+
+def _probe_bitsandbytes(
+    bits: int, quant_type: str, double_quant: bool, precision: Precision, desc: str
+) -> None:
+    """A tiny quantized matmul with backward on the training device, or a one-line JobError."""
+    import torch
+
+    what = f"spec.pet_config.pet_type qlora ({desc})"
+    bnb = _import_bitsandbytes(what)
+    device = precision.device_type
+    try:
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(
+                64, 64, bias=False, compute_dtype=precision.dtype, quant_type=quant_type,
+                compress_statistics=double_quant,
+            )  # fmt: skip
+        else:
+            layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+        layer = layer.to(device)
+        x = torch.randn(2, 64, device=device, dtype=precision.dtype, requires_grad=True)
+        layer(x).float().sum().backward()
+        if x.grad is None or not torch.isfinite(x.grad).all():
+            raise RuntimeError("the backward pass gave no finite gradient")
+    except Exception as e:  # noqa: BLE001 - any backend failure means: this machine cannot run it
+        raise JobError(
+            f"{what} cannot run on this machine ({device}): bitsandbytes failed a test matmul "
+            f"({type(e).__name__}: {_first_line(e)}); use pet_type lora, or a machine bitsandbytes supports"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:240]
+
+
+# ---------------------------------------------------------------- after loading
+
+
+def apply_method(
+    model: Any, spec: FineTuneJobSpec, plan: MethodPlan, *, adapter_dir: Path | None = None
+) -> Any:
+    """Set what trains on a loaded model; LoRA/QLoRA return a peft model.
+
+    `adapter_dir`: an existing adapter (spec.model.adapter_uri, resolved) to keep training instead
+    of new adapters.
+    """
+    pc = spec.pet_config
+    if plan.pet_type == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        _upcast_trainable(model)
+        return model
+    if plan.pet_type == "freeze":
+        _freeze(model, pc.freeze_trainable_layers, pc.freeze_trainable_modules)
+        _upcast_trainable(model)
+        return model
+
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if plan.pet_type == "qlora":
+        keep_4bit_layers_trainable(model)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    config = LoraConfig(
+        r=pc.lora_rank,
+        lora_alpha=pc.lora_alpha,
+        lora_dropout=pc.lora_dropout,
+        target_modules=pc.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise JobError(
+            f"spec.pet_config.target_modules {_show_targets(pc.target_modules)!r}: {_first_line(e)} "
+            f"(linear modules of this model end in: {', '.join(linear_module_suffixes(model))})"
+        ) from None
+
+
+def keep_4bit_layers_trainable(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, `Linear4bit` running in eval mode without grad (an evaluation pass)
+    rewrites its weight into an inference-only layout; every later training step then goes through
+    a kernel with no autograd ("autograd kernel was not registered") and training silently breaks.
+    Evaluation in the CPU's own layout is a little slower; training stays correct.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def linear_module_suffixes(model: Any) -> list[str]:
+    """Distinct last name components of the model's linear layers (for error messages)."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names)
+
+
+def decoder_layers(model: Any) -> tuple[str, int]:
+    """(dotted name, count) of the model's stack of decoder layers: its longest ModuleList."""
+    import torch
+
+    best: tuple[str, int] = ("", 0)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) > best[1]:
+            best = (name, len(m))
+    if not best[1]:
+        raise JobError("spec.pet_config.pet_type freeze: cannot find the model's decoder layers")
+    return best
+
+
+def _module_matches(name: str, pattern: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _freeze(model: Any, trainable_layers: int, patterns: list[str]) -> None:
+    if patterns:
+        modules = [name for name, _ in model.named_modules() if name]
+        matched = {p: [n for n in modules if _module_matches(n, p)] for p in patterns}
+        unmatched = [p for p, found in matched.items() if not found]
+        if unmatched:
+            raise JobError(
+                f"spec.pet_config.freeze_trainable_modules: {', '.join(map(repr, unmatched))} match no module; "
+                f"module names look like {', '.join(modules[i] for i in (0, len(modules) // 2, -1))}"
+            )
+        chosen = sorted({n for found in matched.values() for n in found})
+    else:
+        stack, n = decoder_layers(model)
+        if trainable_layers > n:
+            raise JobError(
+                f"spec.pet_config.freeze_trainable_layers: {trainable_layers} is more than the model's {n} layers"
+            )
+        chosen = [f"{stack}.{i}" for i in range(n - trainable_layers, n)]
+    prefixes = tuple(c + "." for c in chosen)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+
+
+def _upcast_trainable(model: Any) -> None:
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit weight counts as the parameters it stands for."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            storage = getattr(p, "quant_storage", None)
+            n *= 2 * (storage.itemsize if storage is not None else 1)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

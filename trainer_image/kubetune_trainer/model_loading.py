@@ -1,0 +1,289 @@
+"""Find the base model a FineTuneJob names and load it (and its tokenizer) with transformers.
+
+`spec.model.uri` may be
+- a plain path or ``file:///path``: used in place;
+- ``pvc://claim/path``: the claim is mounted at :func:`kubetune.uris.pvc_mount_path` in the pods
+  (``$KUBETUNE_PVC_ROOT`` stands in for the mount root elsewhere, as in the object store);
+- ``s3://bucket/prefix``: downloaded once into ``$KUBETUNE_CACHE_DIR/models/<hash of the URI>``
+  (default ``~/.cache/kubetune``), then verified (every object's size, every safetensors file
+  complete, every shard of an index present) before a ``.kubetune-complete`` marker is written; the
+  download goes to a temporary directory renamed into place, under a file lock, so ranks sharing a
+  node download it once and a killed download is never mistaken for a model;
+- ``hf://org/name``: fetched with ``huggingface_hub`` where the hub is reachable; otherwise the job
+  stops with a one-line message saying to copy the model to s3:// or a PVC.
+
+Weights are read from safetensors only (no pickle). The dtype follows ``training.precision``
+(:func:`resolve_precision`); ``trust_remote_code`` is passed only when the spec sets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubetune.conventions import ENV_CACHE_DIR
+from kubetune.uris import parse_uri
+from kubetune_trainer.errors import JobError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kubetune.spec import FineTuneJobSpec, S3Storage
+
+log = logging.getLogger("kubetune.model")
+
+COMPLETE_MARKER = ".kubetune-complete"
+# What a model directory needs; everything else in an hf:// repo (e.g. .bin, .gguf) is skipped.
+_HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
+
+
+def cache_root() -> Path:
+    """Local scratch for downloads: $KUBETUNE_CACHE_DIR, else ~/.cache/kubetune."""
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "kubetune")
+
+
+# ---------------------------------------------------------------- precision and device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What `training.precision` means on this machine."""
+
+    name: str  # fp32 | bf16 | fp16 (auto resolved)
+    dtype: torch.dtype  # weights of the (frozen) base model and the compute dtype
+    device_type: str  # cuda | cpu
+
+
+def device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(precision: str, device: str | None = None) -> Precision:
+    """`training.precision` to a dtype; a precision this machine cannot run is a JobError."""
+    import torch
+
+    device = device or device_type()
+    bf16_ok = device == "cpu" or (device == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and bf16_ok else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise JobError("training.precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if precision == "bf16" and not bf16_ok:
+        raise JobError("training.precision bf16 is not supported by this GPU; use fp16 or fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Precision(precision, dtype, device)
+
+
+# ---------------------------------------------------------------- locating the model
+
+
+def resolve_model_dir(
+    uri: str,
+    *,
+    s3: S3Storage | None = None,
+    revision: str | None = None,
+    field: str = "spec.model.uri",
+    require_config: bool = True,
+) -> Path:
+    """A local directory in Hugging Face layout for `uri` (downloading s3:// and hf:// models)."""
+    try:
+        u = parse_uri(uri)
+    except ValueError as e:
+        raise JobError(f"{field}: {e}") from None
+    if u.scheme == "s3":
+        path = _download_s3(uri, s3, field)
+    elif u.scheme == "hf":
+        path = _download_hf(u.path, revision, field)
+    else:
+        from kubetune_trainer.store import local_path_for
+
+        path = local_path_for(uri)
+        assert path is not None
+        path = path.expanduser()
+        if not path.exists():
+            hint = " (is the claim mounted in this pod?)" if u.scheme == "pvc" else ""
+            raise JobError(f"{field}: {uri}: no such directory{hint}")
+    if not path.is_dir():
+        raise JobError(f"{field}: {uri}: not a directory")
+    if require_config and not (path / "config.json").is_file():
+        raise JobError(f"{field}: {uri}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cache_dir_for(uri: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1])[:40] or "model"
+    return cache_root() / "models" / f"{slug}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+
+
+def _download_s3(uri: str, s3: S3Storage | None, field: str) -> Path:
+    from kubetune_trainer.store import StoreError, open_store
+
+    dest = _cache_dir_for(uri)
+    if (dest / COMPLETE_MARKER).is_file():
+        return dest
+    with _file_lock(dest.with_name(dest.name + ".lock")):
+        if (dest / COMPLETE_MARKER).is_file():  # another rank finished while we waited
+            return dest
+        try:
+            store = open_store(uri, s3)
+            keys = [k for k in store.list("") if not k.endswith("/")]
+            if not keys:
+                raise JobError(f"{field}: {uri}: no objects under this prefix")
+            sizes = {k: store.size(k) for k in keys}
+            tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info(
+                "downloading %s (%d files, %.1f MB) to %s", uri, len(keys), sum(sizes.values()) / 1e6, dest
+            )
+            store.download_dir("", tmp)
+        except StoreError as e:
+            raise JobError(f"{field}: {uri}: {e}") from None
+        _verify_download(tmp, sizes, uri, field)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"uri": uri, "files": sizes}, indent=1) + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    return dest
+
+
+def _verify_download(root: Path, sizes: dict[str, int], uri: str, field: str) -> None:
+    """Every object arrived whole: sizes match, safetensors files hold all their tensors, shards exist."""
+    for key, size in sizes.items():
+        local = root / key
+        if not local.is_file() or local.stat().st_size != size:
+            got = local.stat().st_size if local.is_file() else "nothing"
+            raise JobError(f"{field}: {uri}: download of {key} is incomplete ({got} of {size} bytes)")
+        if key.endswith(".safetensors"):
+            check_safetensors(local)
+    for index in root.glob("*.safetensors.index.json"):
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(s for s in shards if not (root / s).is_file())
+        if missing:
+            raise JobError(
+                f"{field}: {uri}: {index.name} names shards that are missing: {', '.join(missing)}"
+            )
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise JobError unless `path` is a complete safetensors file (header parses, data all there)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+        raise JobError(f"{path.name}: not a valid safetensors file ({e})") from None
+    if 8 + n + end != size:
+        raise JobError(f"{path.name}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
+
+
+def _download_hf(repo_id: str, revision: str | None, field: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        raise JobError(f"{field}: hf://{repo_id} needs huggingface_hub") from None
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_root() / "hf", allow_patterns=_HF_PATTERNS
+        )
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise JobError(
+            f"{field}: hf://{repo_id} could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}: {reason}); where the hub is not reachable, copy the model to "
+            "s3:// or a PVC and use that URI"
+        ) from None
+    return Path(path)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(spec: FineTuneJobSpec, model_dir: Path) -> Any:
+    """The tokenizer from `model.tokenizer_uri` or the model directory; pad falls back to eos."""
+    from transformers import AutoTokenizer
+
+    where = model_dir
+    if spec.model.tokenizer_uri:
+        where = resolve_model_dir(
+            spec.model.tokenizer_uri,
+            s3=spec.storage.s3,
+            revision=spec.model.revision,
+            field="spec.model.tokenizer_uri",
+            require_config=False,
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=spec.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise JobError(f"cannot load a tokenizer from {where}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    model_dir: Path,
+    spec: FineTuneJobSpec,
+    precision: Precision,
+    *,
+    quantization_config: Any = None,
+    device: str | None = None,
+) -> Any:
+    """`AutoModelForCausalLM` from safetensors, in the precision's dtype.
+
+    A quantized model is placed on `device` while loading (bitsandbytes quantizes there); others
+    load on CPU and the Trainer moves them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not any(model_dir.glob("*.safetensors")):
+        raise JobError(
+            f"spec.model.uri: {model_dir} has no *.safetensors weights; kubetune loads safetensors only "
+            "(convert .bin weights with transformers' save_pretrained(safe_serialization=True))"
+        )
+    kwargs: dict[str, Any] = {
+        "dtype": precision.dtype,
+        "use_safetensors": True,
+        "trust_remote_code": spec.model.trust_remote_code,
+    }
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device or precision.device_type}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        if "trust_remote_code" in msg:
+            raise JobError(
+                f"spec.model.uri: {model_dir} needs its own Python code; set spec.model.trust_remote_code: true "
+                "if you trust it"
+            ) from None
+        raise
+    model.config.use_cache = False  # no KV cache while training
+    return model
