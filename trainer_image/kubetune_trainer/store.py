@@ -477,6 +477,7 @@ class S3Store(ObjectStore):
         max_attempts: int = 6,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        credentials: dict[str, str] | None = None,
     ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -494,7 +495,10 @@ class S3Store(ObjectStore):
             or os.environ.get("AWS_ENDPOINT_URL")
             or "AWS S3"
         )
-        creds, self.credentials_source = _credentials()
+        if credentials is not None:  # explicit (tests, tools); pods use the Secret files or the environment
+            creds, self.credentials_source = dict(credentials), "the credentials given to open_store"
+        else:
+            creds, self.credentials_source = _credentials()
         session = boto3.session.Session(**creds)
         config = Config(
             region_name=region,

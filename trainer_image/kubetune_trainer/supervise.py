@@ -1,0 +1,114 @@
+"""The trainer pod's entry command: ``python -m kubetune_trainer.supervise -- torchrun ...``.
+
+torchrun does not pass a worker's exit status through: a gang that stopped on SIGTERM after
+committing a checkpoint (workers exit 75) leaves torchrun with its own failure code. This wrapper
+
+- runs the command after ``--`` as a child, with $KUBETUNE_PREEMPT_MARKER naming a fresh file
+  that the trainer writes once a preemption checkpoint is committed (resilience.py);
+- forwards SIGTERM, SIGINT and SIGHUP to it (the kubelet signals only the container's PID 1);
+- gives torchrun time to let its workers save: sets TORCH_ELASTIC_SHUTDOWN_TIMEOUT (how long
+  torchrun waits for workers after forwarding SIGTERM before SIGKILL) to the job's
+  checkpoint.sigterm_grace_seconds + 10 unless already set;
+- reaps orphans (it may run as PID 1);
+- exits 0 when the child did, EXIT_PREEMPTED (75, "preempted, resumable") when the child failed
+  but the marker is there, else the child's status (128 + N for a signal N).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kubetune.conventions import EXIT_PREEMPTED
+
+ENV_PREEMPT_MARKER = "KUBETUNE_PREEMPT_MARKER"  # the same name resilience.py reads
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_DEFAULT_GRACE = 25
+
+
+def _grace_seconds(cmd: list[str]) -> int:
+    """checkpoint.sigterm_grace_seconds of the job the command names with --config (default 25)."""
+    for i, arg in enumerate(cmd):
+        path = cmd[i + 1] if arg == "--config" and i + 1 < len(cmd) else None
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path:
+            try:
+                from kubetune.validate import load_job
+
+                return load_job(path).spec.checkpoint.sigterm_grace_seconds
+            except Exception:  # the trainer reports a bad file itself
+                return _DEFAULT_GRACE
+    return _DEFAULT_GRACE
+
+
+def exit_status(returncode: int, preempted: bool) -> int:
+    if returncode == 0:
+        return 0
+    if preempted:
+        return EXIT_PREEMPTED
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--" in args:
+        args = args[args.index("--") + 1 :]
+    if not args:
+        print("usage: python -m kubetune_trainer.supervise -- torchrun ARGS...", file=sys.stderr)
+        return 2
+    marker_dir = Path(tempfile.mkdtemp(prefix="kubetune-supervise-"))
+    marker = marker_dir / "preempted"
+    env = dict(os.environ)
+    env[ENV_PREEMPT_MARKER] = str(marker)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(_grace_seconds(args) + 10))
+
+    child = subprocess.Popen(args, env=env)
+    got: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        got.append(signum)
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    for s in FORWARDED:
+        signal.signal(s, forward)
+    status = _wait(child.pid)
+    child.returncode = status
+    preempted = marker.exists()
+    try:
+        marker.unlink(missing_ok=True)
+        marker_dir.rmdir()
+    except OSError:
+        pass
+    code = exit_status(status, preempted)
+    if got or preempted:
+        print(
+            f"kubetune supervise: {args[0]} exited {status}"
+            + ("; a preemption checkpoint was committed" if preempted else "")
+            + f"; exit {code}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return code
+
+
+def _wait(pid: int) -> int:
+    """Wait for `pid`, reaping any other child (orphans re-parented to us as PID 1) meanwhile."""
+    while True:
+        try:
+            done, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 1
+        if done == pid:
+            return os.waitstatus_to_exitcode(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
