@@ -81,6 +81,7 @@ class CheckpointUploader:
         self.world_size = world_size
         self.keep_last = keep_last
         self.staging_dir = Path(staging_dir)
+        shutil.rmtree(self.staging_dir, ignore_errors=True)  # leftovers of an earlier process
         self.extra = dict(extra or {})
         self.on_commit = on_commit
         self.on_state = on_state  # ("uploading" | "committed" | "failed" | "superseded", step)
