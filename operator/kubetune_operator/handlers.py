@@ -1,0 +1,391 @@
+"""kopf handlers: the thin layer between the API server and the state machine.
+
+    kopf run --standalone -m kubetune_operator.handlers --liveness=http://0.0.0.0:8080/healthz -A
+
+Every trigger (job created, resumed, spec changed, a timer, any event of one of its pods) runs the
+same `reconcile`: read the job and its pods, `state.decide`, then apply the decision in a
+crash-safe order: the status first (guarded by the job's resourceVersion, so two reconciles never
+both count one failure), then create the gang's objects (fixed names, 409 = already there), then
+delete pods, then post Kubernetes Events. All state is in the job's status and the pods' labels;
+killing the operator at any moment and starting it again loses nothing and duplicates nothing.
+
+A second timer copies the trainer's progress.json (step, loss, ETA, last checkpoint) from the job's
+output store into the status. Deleting a FineTuneJob removes its pods, service and config maps
+through their owner references (the cluster's garbage collector).
+
+Environment: KUBETUNE_RECONCILE_INTERVAL (s, default 5), KUBETUNE_PROGRESS_INTERVAL (s, default 15),
+KUBETUNE_METRICS_PORT (default 9090, 0 disables), KUBETUNE_TRAINER_IMAGE (default trainer image).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import kopf
+import kubernetes
+import pydantic
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.conventions import LABEL_ATTEMPT, LABEL_MANAGED_BY, MANAGER, PROGRESS_FILE
+from kubetune.spec import GROUP, KIND, PLURAL, VERSION, FineTuneJob, FineTuneJobSpec
+from kubetune.uris import parse_uri
+from kubetune_operator import metrics, naming, render, state
+
+log = logging.getLogger("kubetune.operator")
+
+RECONCILE_INTERVAL = float(os.environ.get("KUBETUNE_RECONCILE_INTERVAL", "5"))
+PROGRESS_INTERVAL = float(os.environ.get("KUBETUNE_PROGRESS_INTERVAL", "15"))
+METRICS_PORT = int(os.environ.get("KUBETUNE_METRICS_PORT", "9090"))
+TRAINER_IMAGE = os.environ.get("KUBETUNE_TRAINER_IMAGE") or None
+ACTIVE = (None, state.PENDING, state.RUNNING, state.RESTARTING, state.SUSPENDED)
+
+
+# ---------------------------------------------------------------- the API calls the operator makes
+
+
+class Kube:
+    """The few Kubernetes API calls of the reconcile loop, on the official client, as plain dicts."""
+
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    @staticmethod
+    def _json(response: Any) -> Any:
+        return json.loads(response.data)
+
+    def get_job(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self._json(self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False))  # fmt: skip
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict]:
+        return self._json(
+            self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+        )["items"]
+
+    def patch_status(self, namespace: str, name: str, patch: dict, resource_version: str | None) -> dict:
+        body: dict[str, Any] = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}  # optimistic lock: 409 if stale
+        return self._json(self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False,
+            _content_type="application/merge-patch+json"))  # fmt: skip
+
+    def create(self, obj: dict) -> bool:
+        """Create a Service, ConfigMap or Pod; False when it already exists."""
+        ns = obj["metadata"]["namespace"]
+        create = {
+            "Pod": self.core.create_namespaced_pod,
+            "Service": self.core.create_namespaced_service,
+            "ConfigMap": self.core.create_namespaced_config_map,
+        }[obj["kind"]]
+        try:
+            create(ns, obj, _preload_content=False)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
+        """Graceful (SIGTERM, the trainer saves), or forced for pods on a lost node (no kubelet answers)."""
+        try:
+            grace = {"grace_period_seconds": 0} if force else {}
+            self.core.delete_namespaced_pod(name, namespace, _preload_content=False, **grace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def delete_old_configmaps(self, namespace: str, job: str, before_attempt: int) -> None:
+        items = self._json(self.core.list_namespaced_config_map(
+            namespace, label_selector=naming.job_selector(job), _preload_content=False))["items"]  # fmt: skip
+        for cm in items:
+            attempt = int((cm["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, 0) or 0)
+            if attempt < before_attempt:
+                try:
+                    self.core.delete_namespaced_config_map(
+                        cm["metadata"]["name"], namespace, _preload_content=False
+                    )
+                except ApiException as e:
+                    if e.status != 404:
+                        raise
+
+    def event(self, job: dict, ev: state.Event) -> None:
+        """A Kubernetes Event on the job (posted by kopf in the background)."""
+        kopf.event(job, type=ev.type, reason=ev.reason, message=ev.message)
+
+
+def connect() -> Kube:
+    """In-cluster service account, else $KUBECONFIG / ~/.kube/config (read now, not at import)."""
+    try:
+        kubernetes.config.load_incluster_config()
+        config = kubernetes.client.Configuration.get_default_copy()
+    except kubernetes.config.ConfigException:
+        config = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG"), client_configuration=config
+        )
+    config.connection_pool_maxsize = 32
+    return Kube(kubernetes.client.ApiClient(config))
+
+
+# ---------------------------------------------------------------- the object store (progress, output)
+
+_stores: dict[tuple[str, str], Any] = {}
+
+
+def _store(spec: FineTuneJobSpec) -> Any:
+    """The job's output store (cached per URI and S3 settings); None where the operator cannot read it."""
+    if parse_uri(spec.output.uri).scheme == "pvc":
+        return None  # mounted in the trainer pods only
+    from kubetune_trainer.store import open_store  # no torch; boto3 only for s3://
+
+    s3 = spec.storage.s3
+    key = (spec.output.uri, s3.model_dump_json() if s3 else "")
+    if key not in _stores:
+        _stores[key] = open_store(spec.output.uri, s3, max_attempts=2, connect_timeout=3.0, read_timeout=10.0)
+    return _stores[key]
+
+
+def read_progress(spec: FineTuneJobSpec) -> dict | None:
+    """The trainer's progress.json, or None (not written yet, or the store cannot be read)."""
+    from kubetune_trainer.store import ObjectNotFound, StoreError
+
+    try:
+        store = _store(spec)
+        return None if store is None else json.loads(store.get_bytes(PROGRESS_FILE))
+    except ObjectNotFound:
+        return None
+    except (StoreError, ValueError, OSError) as e:
+        log.warning("cannot read %s of %s: %s", PROGRESS_FILE, spec.output.uri, e)
+        return None
+
+
+def output_committed(spec: FineTuneJobSpec, progress: dict | None) -> bool | None:
+    """Whether the trainer committed its final output: progress.json says done, or final/ exists.
+
+    None when the operator cannot tell (pvc://, a file:// path on another machine, store errors):
+    then rank 0's exit code 0 is trusted.
+    """
+    if progress and progress.get("state") == "done":
+        return True
+    try:
+        store = _store(spec)
+        if store is None:
+            return None
+        from kubetune_trainer.store import LocalStore
+
+        if isinstance(store, LocalStore) and not store.path("").exists():
+            return None  # the trainers' file system is not this operator's
+        return bool(store.list("final/"))
+    except Exception as e:  # noqa: BLE001 - any store trouble means "cannot tell"
+        log.warning("cannot check the output of %s: %s", spec.output.uri, e)
+        return None
+
+
+# ---------------------------------------------------------------- reconcile
+
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def _job_lock(namespace: str, name: str) -> Iterator[None]:
+    """One reconcile of a job at a time in this process (kopf runs timers and handlers concurrently)."""
+    with _locks_guard:
+        lock = _locks.setdefault((namespace, name), threading.Lock())
+    with lock:
+        yield
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch turning status `old` into `new` (top-level keys; null removes)."""
+    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new and k != "kopf"})
+    return patch
+
+
+def _job_model(job: dict) -> FineTuneJob:
+    return FineTuneJob.model_validate({k: job[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+
+
+def reconcile(
+    kube: Kube, namespace: str, name: str, *, trigger: str, with_progress: bool = False
+) -> state.Decision | None:
+    """Bring one job one step closer to its goal. Returns the decision applied (None: job gone)."""
+    started = time.monotonic()
+    try:
+        with _job_lock(namespace, name):
+            for _ in range(5):  # a conflicting write (another reconcile, the progress timer): read again
+                job = kube.get_job(namespace, name)
+                if job is None or job["metadata"].get("deletionTimestamp"):
+                    metrics.set_phase(namespace, name, None)
+                    return None
+                try:
+                    decision = _reconcile_once(kube, job, with_progress)
+                except ApiException as e:
+                    if e.status == 409:
+                        continue
+                    raise
+                metrics.set_phase(namespace, name, decision.status.get("phase"))
+                return decision
+            raise kopf.TemporaryError("the job kept changing while reconciling it", delay=1)
+    except Exception:
+        metrics.ERRORS.inc()
+        raise
+    finally:
+        metrics.RECONCILE.labels(trigger=trigger).observe(time.monotonic() - started)
+
+
+def _reconcile_once(kube: Kube, job: dict, with_progress: bool) -> state.Decision:
+    meta = job["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    status = job.get("status") or {}
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        model = _job_model(job)
+    except pydantic.ValidationError as e:  # e.g. a CRD on the cluster older than this operator
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        decision = state.invalid_spec(
+            status, int(meta.get("generation") or 1), now, f"{where}: {first['msg']}"
+        )
+        if patch := status_patch(status, decision.status):
+            kube.patch_status(namespace, name, patch, meta.get("resourceVersion"))
+        return decision
+    spec = model.spec
+    pods = kube.list_pods(namespace, naming.job_selector(name))
+    observed = tuple(state.observe_pod(p, render.CONTAINER) for p in pods)
+    attempt = int(status.get("attempt") or 0)
+    rank0_done = any(p.attempt == attempt and p.rank == 0 and p.phase == "Succeeded" for p in observed)
+
+    progress = committed = None
+    if (with_progress or rank0_done) and status.get("phase") not in state.TERMINAL:
+        progress = read_progress(spec)
+        if rank0_done:
+            committed = output_committed(spec, progress)
+    decision = state.decide(
+        state.Observed(
+            spec=spec, status=status, generation=int(meta.get("generation") or 1), pods=observed,
+            now=now, output_committed=committed,
+        )
+    )  # fmt: skip
+    decision.status.update(state.progress_status(progress))
+
+    patch = status_patch(status, decision.status)
+    if patch:  # 1. the status, guarded: on 409 the caller reads again and decides again
+        kube.patch_status(namespace, name, patch, meta.get("resourceVersion"))
+    if decision.restart_reason:
+        metrics.RESTARTS.labels(reason=decision.restart_reason).inc()
+    if decision.create_attempt is not None:  # 2. the gang (what exists already stays)
+        present = {p.name for p in observed}
+        for obj in render.render_job(model, decision.create_attempt, trainer_image=TRAINER_IMAGE):
+            if obj["kind"] != "Pod" or obj["metadata"]["name"] not in present:
+                kube.create(obj)
+    for pod in decision.delete_pods:  # 3. pods that must go (the trainer saves on SIGTERM)
+        kube.delete_pod(namespace, pod)
+    for pod in decision.force_delete_pods:
+        kube.delete_pod(namespace, pod, force=True)
+    if decision.delete_configs_before is not None and decision.delete_configs_before > 1:
+        kube.delete_old_configmaps(namespace, name, decision.delete_configs_before)
+    for ev in decision.events:  # 4. what happened, for `kubectl describe` / `kubectl get events`
+        kube.event(job, ev)
+    if patch or decision.create_attempt is not None or decision.delete_pods or decision.force_delete_pods:
+        log.info(
+            "%s/%s: %s (%s)", namespace, name, decision.status.get("phase"), decision.status.get("message")
+        )
+    return decision
+
+
+def refresh_progress(kube: Kube, namespace: str, name: str) -> None:
+    """Copy progress.json into the status (progress, last_checkpoint) when it changed."""
+    with _job_lock(namespace, name):
+        job = kube.get_job(namespace, name)
+        if job is None:
+            return
+        status = job.get("status") or {}
+        fields = state.progress_status(read_progress(_job_model(job).spec))
+        patch = {k: v for k, v in fields.items() if status.get(k) != v}
+        if patch:
+            kube.patch_status(namespace, name, patch, None)
+
+
+# ---------------------------------------------------------------- kopf wiring
+
+JOBS = (GROUP, VERSION, PLURAL)
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # kopf's own progress goes to annotations: the CRD's status schema has no place for it.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.io")
+    settings.posting.level = logging.WARNING  # our own Events say what happens; not every handler run
+    settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
+    settings.watching.server_timeout = 300
+    memo.kube = connect()
+    metrics.serve(METRICS_PORT)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.probe(id="jobs")
+def probe_jobs(**_: Any) -> int:
+    return len(metrics._phases)
+
+
+@kopf.on.create(*JOBS)
+@kopf.on.resume(*JOBS)
+@kopf.on.update(*JOBS, field="spec")
+def on_change(name: str, namespace: str, memo: kopf.Memo, reason: str, **_: Any) -> None:
+    reconcile(memo.kube, namespace, name, trigger=str(reason))
+
+
+@kopf.timer(*JOBS, interval=RECONCILE_INTERVAL, when=lambda status, **_: status.get("phase") in ACTIVE)
+def on_timer(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    reconcile(memo.kube, namespace, name, trigger="timer")
+
+
+@kopf.timer(
+    *JOBS, id="progress", interval=PROGRESS_INTERVAL,
+    when=lambda status, **_: status.get("phase") in (state.PENDING, state.RUNNING, state.RESTARTING),
+)  # fmt: skip
+def on_progress(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    refresh_progress(memo.kube, namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGER})
+def on_pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    owner = next(
+        (
+            r
+            for r in body.metadata.get("ownerReferences") or []
+            if r.get("kind") == KIND and r.get("controller")
+        ),
+        None,
+    )
+    if owner is not None:
+        reconcile(memo.kube, body.metadata.namespace, owner["name"], trigger="pod")
+
+
+@kopf.on.delete(*JOBS, optional=True)
+def on_delete(name: str, namespace: str, **_: Any) -> None:
+    metrics.set_phase(namespace, name, None)
+    with _locks_guard:
+        _locks.pop((namespace, name), None)

@@ -1,0 +1,448 @@
+"""A kubelet stand-in for tests: runs the API server's pods as local processes.
+
+It watches Pods over the HTTP API like a real kubelet, binds unscheduled pods to its node, and runs
+each pod's container command as a local process (in its own process group) with the pod's env:
+
+- volumes: configMap and secret volumes become files in a temp dir, emptyDirs temp dirs,
+  persistentVolumeClaims one shared dir per claim (so pods share them like a real volume);
+  every mount path in the command, args, env values and workingDir is rewritten to its local dir
+  (/etc/kubetune/job.yaml -> <tmp>/<pod>/config/job.yaml);
+- env: values, fieldRef (metadata.name/namespace/uid/labels, spec.nodeName, status.podIP),
+  secretKeyRef and configMapKeyRef read from the API; $(VAR) expanded in command and args;
+  cluster DNS names (<pod>.<service>.<ns>.svc[.cluster.local]) resolve to 127.0.0.1;
+- status: Pending (ContainerCreating) -> Running -> Succeeded/Failed with the container's exit code
+  (128+signal when killed), reason Completed/Error/OOMKilled, and the log tail as the message;
+- deletion: a pod with deletionTimestamp gets SIGTERM on its main process, SIGKILL for the whole
+  group after the grace period, then the kubelet confirms the deletion (grace 0), as a kubelet does.
+
+Tests poke it: `kill(pod)` (SIGKILL, a crash), `kill(pod, signal.SIGTERM)` (preemption),
+`lose_node(pod)` (the process dies unseen, the pod turns Unknown and stays Terminating).
+Only restartPolicy Never and one container per pod are run (what the operator creates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+DNS = re.compile(r"\b[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc(\.cluster\.local)?\b")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Running:
+    pod: dict
+    proc: asyncio.subprocess.Process | None = None
+    log: Path | None = None
+    started: str = ""
+    deleting: bool = False
+    lost: bool = False  # the node is "gone": nothing is reported any more
+    oom: bool = False
+    task: asyncio.Task | None = None
+
+
+@dataclass
+class Kubelet:
+    api_url: str
+    workdir: Path
+    node: str = "node-1"
+    # Replace a pod's command (e.g. a fake trainer): pod -> argv, or None to run the pod's own.
+    command_for: Callable[[dict], list[str] | None] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    pods: dict[tuple[str, str], Running] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _stop: asyncio.Event | None = None
+    _session: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------ lifecycle (from the test thread)
+
+    def __enter__(self) -> Kubelet:
+        ready = threading.Event()
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            async with aiohttp.ClientSession(self.api_url) as self._session:
+                watcher = asyncio.create_task(self._watch(ready))
+                await self._stop.wait()
+                watcher.cancel()
+                for run in list(self.pods.values()):
+                    self._signal(run, signal.SIGKILL, group=True)
+                await asyncio.gather(*(r.task for r in self.pods.values() if r.task), return_exceptions=True)
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),), name="kubelet", daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the kubelet could not start watching pods")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.loop and self._stop:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        if self._thread:
+            self._thread.join(30)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        assert self.loop is not None
+        done = threading.Event()
+        result: list[Any] = []
+
+        def run() -> None:
+            result.append(fn())
+            done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        done.wait(10)
+        return result[0] if result else None
+
+    def kill(
+        self, name: str, sig: int = signal.SIGKILL, namespace: str = "default", oom: bool = False
+    ) -> bool:
+        """Signal a pod's process: SIGKILL hits the whole container (a crash), other signals the main process."""
+
+        def do() -> bool:
+            run = self.pods.get((namespace, name))
+            if run is None or run.proc is None or run.proc.returncode is not None:
+                return False
+            run.oom = oom
+            return self._signal(run, sig, group=sig == signal.SIGKILL)
+
+        return bool(self._call(do))
+
+    def lose_node(self, name: str, namespace: str = "default") -> bool:
+        """The pod's node goes away: its process dies unseen and its status turns Unknown."""
+
+        def do() -> bool:
+            run = self.pods.get((namespace, name))
+            if run is None:
+                return False
+            run.lost = True
+            self._signal(run, signal.SIGKILL, group=True)
+            asyncio.ensure_future(self._patch_status(run.pod, {
+                "phase": "Unknown", "reason": "NodeLost", "message": f"node {self.node} is not responding",
+                "conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
+                                "lastTransitionTime": now_iso()}],
+            }))  # fmt: skip
+            return True
+
+        return bool(self._call(do))
+
+    def running(self) -> list[str]:
+        """Names of the pods whose process is alive."""
+        return sorted(
+            n for (_, n), r in list(self.pods.items()) if r.proc is not None and r.proc.returncode is None
+        )
+
+    def log_of(self, name: str, namespace: str = "default") -> str:
+        run = self.pods.get((namespace, name))
+        return run.log.read_text(errors="replace") if run and run.log and run.log.exists() else ""
+
+    # ------------------------------------------------------------ the watch loop
+
+    async def _watch(self, ready: threading.Event) -> None:
+        assert self._session is not None
+        rv = ""
+        while True:
+            try:
+                if not rv:
+                    async with self._session.get("/api/v1/pods") as r:
+                        listing = await r.json()
+                    rv = listing["metadata"]["resourceVersion"]
+                    for pod in listing["items"]:
+                        await self._sync(pod, "ADDED")
+                ready.set()
+                params = {"watch": "true", "resourceVersion": rv, "timeoutSeconds": "60"}
+                async with self._session.get(
+                    "/api/v1/pods", params=params, timeout=aiohttp.ClientTimeout(None)
+                ) as r:
+                    async for line in r.content:
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        if event["type"] == "ERROR":
+                            rv = ""
+                            break
+                        rv = event["object"]["metadata"]["resourceVersion"]
+                        await self._sync(event["object"], event["type"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - keep watching, as a kubelet does
+                print(f"kubelet: watch error {e!r}", file=sys.__stderr__)
+                await asyncio.sleep(0.5)
+
+    async def _sync(self, pod: dict, etype: str) -> None:
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        key = (meta.get("namespace", "default"), meta["name"])
+        run = self.pods.get(key)
+        if run is not None and run.pod["metadata"].get("uid") != meta.get("uid"):
+            self._signal(run, signal.SIGKILL, group=True)  # an older pod of the same name
+            self.pods.pop(key)
+            run = None
+        if etype == "DELETED":
+            if run is not None:
+                self._signal(run, signal.SIGKILL, group=True)  # force-deleted: the container goes now
+                if run.task is None or run.task.done():
+                    self.pods.pop(key, None)
+            return
+        if run is not None:
+            run.pod = pod
+        if not spec.get("nodeName"):
+            if not meta.get("deletionTimestamp"):
+                await self._post(f"/api/v1/namespaces/{key[0]}/pods/{key[1]}/binding",
+                                 {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": key[1]},
+                                  "target": {"apiVersion": "v1", "kind": "Node", "name": self.node}})  # fmt: skip
+            return
+        if spec["nodeName"] != self.node:
+            return
+        if meta.get("deletionTimestamp"):
+            if run is None or run.task is None or run.task.done():
+                if run is None or not run.lost:
+                    await self._confirm_deletion(pod)
+            elif not run.deleting:
+                run.deleting = True
+                grace = int(meta.get("deletionGracePeriodSeconds", 30))
+                if not run.lost:
+                    self._signal(run, signal.SIGTERM, group=False)
+                    asyncio.get_running_loop().call_later(grace, self._signal, run, signal.SIGKILL, True)
+            return
+        if run is None and (pod.get("status") or {}).get("phase") in ("Pending", None):
+            run = self.pods[key] = Running(pod)
+            run.task = asyncio.create_task(self._run(run))
+
+    # ------------------------------------------------------------ running one pod
+
+    async def _run(self, run: Running) -> None:
+        pod = run.pod
+        ns, name = pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
+        container = pod["spec"]["containers"][0]
+        base = self.workdir / ns / name
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        run.log = base / "log.txt"
+        await self._patch_status(pod, {
+            "phase": "Pending", "hostIP": "127.0.0.1",
+            "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}],
+            "containerStatuses": [{"name": container["name"], "ready": False, "restartCount": 0,
+                                   "image": container.get("image", ""), "imageID": "",
+                                   "state": {"waiting": {"reason": "ContainerCreating"}}}],
+        })  # fmt: skip
+        try:
+            mounts = await self._volumes(pod, container, base)
+            env = await self._env(pod, container, mounts)
+            argv = (self.command_for(pod) if self.command_for else None) or [
+                *container.get("command", []),
+                *container.get("args", []),
+            ]
+            argv = [_expand(self._rewrite(a, mounts), env) for a in argv]
+            cwd = self._rewrite(container.get("workingDir") or "", mounts) or str(base)
+            Path(cwd).mkdir(parents=True, exist_ok=True)
+            with open(run.log, "wb") as log:
+                run.proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    env=env,
+                    cwd=cwd,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        except Exception as e:  # noqa: BLE001 - the container could not start: the pod fails
+            run.log.write_text(f"kubelet: cannot start the container: {e!r}\n")
+            await self._finish(run, 128, "StartError", now_iso())
+            return
+        run.started = now_iso()
+        if run.deleting or run.pod["metadata"].get("deletionTimestamp"):
+            self._signal(run, signal.SIGTERM, group=False)
+        else:
+            await self._patch_status(pod, {
+                "phase": "Running", "podIP": "127.0.0.1", "startTime": run.started,
+                "conditions": [{"type": t, "status": "True", "lastTransitionTime": run.started}
+                               for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+                "containerStatuses": [{"name": container["name"], "ready": True, "started": True, "restartCount": 0,
+                                       "image": container.get("image", ""), "imageID": "",
+                                       "containerID": f"local://{run.proc.pid}",
+                                       "state": {"running": {"startedAt": run.started}}}],
+            })  # fmt: skip
+        code = await run.proc.wait()
+        self._signal(run, signal.SIGKILL, group=True)  # the container's other processes go with it
+        code = 128 - code if code < 0 else code
+        await self._finish(
+            run, code, "OOMKilled" if run.oom else "Completed" if code == 0 else "Error", run.started
+        )
+
+    async def _finish(self, run: Running, code: int, reason: str, started: str) -> None:
+        if run.lost:
+            return
+        pod = run.pod
+        container = pod["spec"]["containers"][0]
+        terminated: dict[str, Any] = {
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": started,
+            "finishedAt": now_iso(),
+        }
+        if code and run.log and run.log.exists():  # terminationMessagePolicy FallbackToLogsOnError
+            terminated["message"] = "\n".join(run.log.read_text(errors="replace").splitlines()[-20:])[-2048:]
+        ready = [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now_iso()}
+                 for t in ("ContainersReady", "Ready")]  # fmt: skip
+        await self._patch_status(pod, {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}, *ready],
+            "containerStatuses": [{"name": container["name"], "ready": False, "started": False, "restartCount": 0,
+                                   "image": container.get("image", ""), "imageID": "",
+                                   "state": {"terminated": terminated}}],
+        })  # fmt: skip
+        if run.deleting or run.pod["metadata"].get("deletionTimestamp"):
+            await self._confirm_deletion(pod)
+
+    def _signal(self, run: Running, sig: int, group: bool) -> bool:
+        if run.proc is None or (run.proc.returncode is not None and not group):
+            return False
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(run.proc.pid, sig)
+            else:
+                os.kill(run.proc.pid, sig)
+            return True
+        return False
+
+    # ------------------------------------------------------------ volumes and env
+
+    async def _volumes(self, pod: dict, container: dict, base: Path) -> dict[str, Path]:
+        """mountPath -> local directory, with configMap/secret contents written out."""
+        ns = pod["metadata"].get("namespace", "default")
+        local: dict[str, Path] = {}
+        for vol in pod["spec"].get("volumes") or []:
+            d = base / "volumes" / vol["name"]
+            if "persistentVolumeClaim" in vol:
+                d = self.workdir / "pvc" / ns / vol["persistentVolumeClaim"]["claimName"]
+            elif "hostPath" in vol:
+                d = Path(vol["hostPath"]["path"])
+            d.mkdir(parents=True, exist_ok=True)
+            if "configMap" in vol or "secret" in vol:
+                resource = "configmaps" if "configMap" in vol else "secrets"
+                source = vol.get("configMap") or vol.get("secret") or {}
+                obj = await self._get(
+                    f"/api/v1/namespaces/{ns}/{resource}/{source.get('name') or source.get('secretName')}"
+                )
+                data = dict(obj.get("data") or {})
+                files = {i["key"]: i["path"] for i in source.get("items") or []} or {k: k for k in data}
+                for key, rel in files.items():
+                    (d / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (d / rel).write_bytes(
+                        base64.b64decode(data[key]) if resource == "secrets" else data[key].encode()
+                    )
+            local[vol["name"]] = d
+        return {
+            m["mountPath"]: local[m["name"]] / m.get("subPath", "")
+            for m in container.get("volumeMounts") or []
+        }
+
+    def _rewrite(self, text: str, mounts: dict[str, Path]) -> str:
+        """Mount paths -> local dirs (one pass, longest first), cluster DNS names -> 127.0.0.1."""
+        if mounts:
+            paths = "|".join(re.escape(m.rstrip("/")) for m in sorted(mounts, key=len, reverse=True))
+            local = {m.rstrip("/"): str(d) for m, d in mounts.items()}
+            text = re.sub(rf"(?<![\w.-])({paths})(?=/|$|[\s:;,\"'])", lambda m: local[m.group(1)], text)
+        return DNS.sub("127.0.0.1", text)
+
+    async def _env(self, pod: dict, container: dict, mounts: dict[str, Path]) -> dict[str, str]:
+        ns, meta = pod["metadata"].get("namespace", "default"), pod["metadata"]
+        env = {
+            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+            "HOSTNAME": pod["spec"].get("hostname") or meta["name"], "LANG": "C.UTF-8",
+            "HOME": str(self.workdir / ns / meta["name"]),
+        }  # fmt: skip
+        env.update(self.extra_env)
+        fields = {
+            "metadata.name": meta["name"], "metadata.namespace": ns, "metadata.uid": meta.get("uid", ""),
+            "spec.nodeName": self.node, "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1",
+        }  # fmt: skip
+        for var in container.get("env") or []:
+            source = var.get("valueFrom")
+            if source is None:
+                value = _expand(self._rewrite(var.get("value", ""), mounts), env)
+            elif "fieldRef" in source:
+                path = source["fieldRef"]["fieldPath"]
+                m = re.match(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+                value = (meta.get(m.group(1)) or {}).get(m.group(2), "") if m else fields.get(path, "")
+            else:
+                ref = source.get("secretKeyRef") or source.get("configMapKeyRef") or {}
+                resource = "secrets" if "secretKeyRef" in source else "configmaps"
+                obj = await self._get(f"/api/v1/namespaces/{ns}/{resource}/{ref['name']}")
+                value = (obj.get("data") or {}).get(ref["key"], "")
+                value = base64.b64decode(value).decode() if resource == "secrets" else value
+            env[var["name"]] = value
+        return env
+
+    # ------------------------------------------------------------ API calls
+
+    async def _get(self, path: str) -> dict:
+        assert self._session is not None
+        async with self._session.get(path) as r:
+            r.raise_for_status()
+            return await r.json()
+
+    async def _post(self, path: str, body: dict) -> None:
+        assert self._session is not None
+        async with self._session.post(path, json=body) as r:
+            await r.read()
+
+    async def _patch_status(self, pod: dict, status: dict) -> None:
+        assert self._session is not None
+        ns, name = pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
+        headers = {"Content-Type": "application/merge-patch+json"}
+        async with self._session.patch(f"/api/v1/namespaces/{ns}/pods/{name}/status",
+                                       data=json.dumps({"status": status}), headers=headers) as r:  # fmt: skip
+            await r.read()
+
+    async def _confirm_deletion(self, pod: dict) -> None:
+        assert self._session is not None
+        ns, name = pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
+        async with self._session.delete(
+            f"/api/v1/namespaces/{ns}/pods/{name}", params={"gracePeriodSeconds": "0"}
+        ) as r:
+            await r.read()
+        run = self.pods.get((ns, name))
+        if run is not None and run.pod["metadata"].get("uid") == pod["metadata"].get("uid"):
+            self.pods.pop((ns, name), None)
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in command, args and env values."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str | Callable[[], str] = ""
+) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {said or predicate}")
+        time.sleep(interval)

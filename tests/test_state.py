@@ -1,0 +1,356 @@
+"""The reconcile state machine (kubetune_operator.state), table by table: no API, no clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import pytest
+
+from kubetune.conventions import EXIT_PREEMPTED, LABEL_ATTEMPT, LABEL_RANK
+from kubetune.spec import FineTuneJobSpec
+from kubetune_operator import state
+from kubetune_operator.state import PodObs
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def spec(nnodes: int = 2, suspend: bool = False, **policy: int) -> FineTuneJobSpec:
+    return FineTuneJobSpec.model_validate({
+        "model": {"uri": "s3://models/tiny"}, "dataset": {"uri": "s3://data/a.json"},
+        "output": {"uri": "s3://runs/job"}, "parallel_config": {"nnodes": nnodes}, "suspend": suspend,
+        "restart_policy": {"max_restarts": 3, "backoff_seconds": 10, "max_backoff_seconds": 300, **policy},
+    })  # fmt: skip
+
+
+def pod(rank: int, phase: str = "Running", attempt: int = 1, **kw: object) -> PodObs:
+    return PodObs(name=f"job-a{attempt}-r{rank}", attempt=attempt, rank=rank, phase=phase, **kw)  # type: ignore[arg-type]
+
+
+def failed(rank: int, code: int | None = 1, reason: str | None = "Error", **kw: object) -> PodObs:
+    return pod(rank, "Failed", exit_code=code, reason=reason, **kw)
+
+
+def decide(status: dict, pods: list[PodObs] = (), s: FineTuneJobSpec | None = None, now: dt.datetime = NOW,
+           generation: int = 1, committed: bool | None = True) -> state.Decision:  # fmt: skip
+    return state.decide(state.Observed(s or spec(), status, generation, tuple(pods), now, committed))
+
+
+def cond(d: state.Decision, ctype: str) -> dict:
+    return next(c for c in d.status["conditions"] if c["type"] == ctype)
+
+
+def running(attempt: int = 1, **kw: object) -> dict:
+    return {"phase": "Running", "attempt": attempt, "restarts": 0, "preemptions": 0, **kw}
+
+
+# ---------------------------------------------------------------- creating the gang
+
+
+def test_a_new_job_creates_attempt_1() -> None:
+    d = decide({})
+    assert d.create_attempt == 1 and d.status["phase"] == "Pending" and d.status["attempt"] == 1
+    assert d.status["start_time"] == "2026-11-23T12:00:00Z"
+    assert [e.reason for e in d.events] == ["Created"]
+    assert cond(d, "Reconciling")["status"] == "True" and cond(d, "Ready")["status"] == "False"
+
+
+@pytest.mark.parametrize("present", [[], [0], [1]])
+def test_pending_with_missing_pods_creates_them(present: list[int]) -> None:
+    d = decide({"phase": "Pending", "attempt": 1}, [pod(r, "Pending") for r in present])
+    assert d.create_attempt == 1 and d.status["phase"] == "Pending" and not d.delete_pods
+
+
+def test_pending_with_the_whole_gang_waits() -> None:
+    d = decide({"phase": "Pending", "attempt": 1}, [pod(0, "Pending"), pod(1, "Running")])
+    assert d.create_attempt is None and not d.delete_pods and d.status["phase"] == "Pending"
+    assert d.requeue_after == state.POLL_SECONDS and "1/2 pods running" in d.status["message"]
+
+
+# ---------------------------------------------------------------- every pod-phase combination
+
+PHASES = ["Pending", "Running", "Succeeded", "Failed", "Unknown"]
+
+
+def _expected(p0: str, p1: str, before: str) -> str:
+    if "Failed" in (p0, p1):
+        return "Restarting"
+    if p0 == "Succeeded":
+        return "Succeeded"
+    if {p0, p1} <= {"Running", "Succeeded"}:
+        return "Running"
+    return before  # still waiting (an Unknown pod gets unknown_timeout_seconds first)
+
+
+@pytest.mark.parametrize("before", ["Pending", "Running"])
+@pytest.mark.parametrize(("p0", "p1"), list(itertools.product(PHASES, PHASES)))
+def test_every_pod_phase_combination(p0: str, p1: str, before: str) -> None:
+    def make(rank: int, phase: str) -> PodObs:
+        if phase == "Failed":
+            return failed(rank)
+        if phase == "Unknown":
+            return pod(rank, "Unknown", unknown_since=NOW - dt.timedelta(seconds=5))
+        return pod(rank, phase, exit_code=0 if phase == "Succeeded" else None)
+
+    d = decide({"phase": before, "attempt": 1}, [make(0, p0), make(1, p1)])
+    assert d.status["phase"] == _expected(p0, p1, before)
+    assert d.create_attempt is None  # the gang is complete: nothing to create in any case
+    if d.status["phase"] == "Restarting":
+        assert sorted(d.delete_pods) == ["job-a1-r0", "job-a1-r1"] and d.status["restarts"] == 1
+    if d.status["phase"] == "Succeeded":
+        assert d.status["output"] == "s3://runs/job/final" and d.status["completion_time"]
+        assert d.delete_pods == []  # the other rank finishes on its own
+
+
+# ---------------------------------------------------------------- every exit code class
+
+EXIT_CLASSES = [
+    # (exit code, terminated/pod reason, DisruptionTarget reason) -> counted?, reason
+    (1, "Error", None, True, "PodFailed"),
+    (2, "Error", None, True, "PodFailed"),
+    (255, "Error", None, True, "PodFailed"),
+    (137, "OOMKilled", None, True, "PodFailed"),
+    (137, "Error", None, True, "PodFailed"),  # SIGKILL: a crash
+    (None, "StartError", None, True, "PodFailed"),  # never started
+    (EXIT_PREEMPTED, "Error", None, False, "Preempted"),
+    (143, "Error", None, False, "Terminated"),  # SIGTERM from outside
+    (137, "Evicted", None, False, "Evicted"),  # kubelet eviction (node pressure)
+    (137, "Error", "PreemptionByScheduler", False, "Evicted"),
+    (1, "Error", "DeletionByTaintManager", False, "Evicted"),
+]
+
+
+@pytest.mark.parametrize(("code", "reason", "disruption", "counted", "why"), EXIT_CLASSES)
+def test_exit_code_classes(
+    code: int | None, reason: str, disruption: str | None, counted: bool, why: str
+) -> None:
+    d = decide(running(), [failed(0, code, reason, disrupted=disruption), pod(1)])
+    assert d.status["phase"] == "Restarting" and d.restart_reason == why
+    assert (d.status["restarts"], d.status["preemptions"]) == ((1, 0) if counted else (0, 1))
+    assert d.status["last_restart_reason"].startswith(f"{why}: pod job-a1-r0 (rank 0)")
+    assert cond(d, "Reconciling") == cond(d, "Reconciling") | {"status": "True", "reason": why}
+    assert [e.type for e in d.events] == ["Warning"]
+
+
+def test_a_counted_failure_wins_over_a_disruption_in_the_same_gang() -> None:
+    d = decide(running(), [failed(0, EXIT_PREEMPTED), failed(1, 1)])
+    assert d.restart_reason == "PodFailed" and d.status["restarts"] == 1
+
+
+def test_rank0_exit_0_needs_committed_output() -> None:
+    gang = [pod(0, "Succeeded", exit_code=0), pod(1, "Succeeded", exit_code=0)]
+    assert decide(running(), gang, committed=True).status["phase"] == "Succeeded"
+    assert (
+        decide(running(), gang, committed=None).status["phase"] == "Succeeded"
+    )  # pvc://: trust the exit code
+    d = decide(running(), gang, committed=False)
+    assert d.status["phase"] == "Restarting" and d.restart_reason == "NoOutput" and d.status["restarts"] == 1
+
+
+def test_other_ranks_finishing_first_is_not_success() -> None:
+    d = decide(running(), [pod(0), pod(1, "Succeeded", exit_code=0)])
+    assert d.status["phase"] == "Running" and not d.delete_pods
+
+
+# ---------------------------------------------------------------- backoff and max_restarts
+
+
+@pytest.mark.parametrize(
+    ("before", "wait"), [(0, 10), (1, 20), (2, 40), (3, 80), (4, 160), (5, 300), (9, 300)]
+)
+def test_backoff_doubles_and_is_capped(before: int, wait: int) -> None:
+    s = spec(max_restarts=100)
+    d = decide(running(restarts=before), [failed(0), pod(1)], s=s)
+    assert state.parse_time(d.status["restart_after"]) == NOW + dt.timedelta(seconds=wait)
+    assert state.backoff_seconds(s, before) == wait
+
+
+def test_preemptions_count_towards_the_backoff_but_not_the_limit() -> None:
+    d = decide(running(restarts=3, preemptions=2), [failed(0, EXIT_PREEMPTED), pod(1)])
+    assert d.status["phase"] == "Restarting" and d.status["preemptions"] == 3 and d.status["restarts"] == 3
+    assert state.parse_time(d.status["restart_after"]) == NOW + dt.timedelta(seconds=300)  # 10 * 2**5, capped
+
+
+def test_restarting_waits_for_the_old_pods_then_the_backoff_then_creates_the_next_attempt() -> None:
+    status = {"phase": "Restarting", "attempt": 1, "restarts": 1, "restart_after": "2026-11-23T12:00:20Z"}
+    d = decide(status, [pod(0, "Running", terminating=True), failed(1)])
+    assert d.status["phase"] == "Restarting" and d.create_attempt is None and d.delete_pods == ["job-a1-r1"]
+    d = decide(status, [])
+    assert d.status["phase"] == "Restarting" and d.create_attempt is None and d.requeue_after == 20
+    assert cond(d, "Reconciling")["reason"] == "BackingOff"
+    d = decide(status, [], now=NOW + dt.timedelta(seconds=20))
+    assert d.create_attempt == 2 and d.status["attempt"] == 2 and d.status["phase"] == "Pending"
+    assert "restart_after" not in d.status and d.status["restarts"] == 1 and d.delete_configs_before == 2
+    assert [e.reason for e in d.events] == ["Restarted"]
+
+
+@pytest.mark.parametrize("limit", [0, 1, 3])
+def test_max_restarts_exceeded_fails_the_job_with_the_reason(limit: int) -> None:
+    s = spec(max_restarts=limit)
+    d = decide(running(restarts=limit), [failed(0, 1, "Error", message="CUDA out of memory"), pod(1)], s=s)
+    assert d.status["phase"] == "Failed" and d.status["restarts"] == limit and d.status["completion_time"]
+    assert f"max_restarts={limit}" in d.status["message"] and "CUDA out of memory" in d.status["message"]
+    assert cond(d, "Failed") | {"status": "True", "reason": "MaxRestartsExceeded"} == cond(d, "Failed")
+    assert cond(d, "Stalled")["status"] == "True" and cond(d, "Reconciling")["status"] == "False"
+    assert d.delete_pods == ["job-a1-r1"]  # the failed pod stays for `kubectl logs`
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "Failed")]
+
+
+def test_a_preemption_at_the_limit_still_restarts() -> None:
+    d = decide(running(restarts=3), [failed(0, EXIT_PREEMPTED), pod(1)])
+    assert d.status["phase"] == "Restarting"
+
+
+# ---------------------------------------------------------------- disruptions
+
+
+def test_unknown_pod_gets_the_timeout_then_the_gang_restarts_without_counting() -> None:
+    s = spec(unknown_timeout_seconds=300)
+    lost = pod(1, "Unknown", unknown_since=NOW - dt.timedelta(seconds=100))
+    d = decide(running(), [pod(0), lost], s=s)
+    assert d.status["phase"] == "Running" and not d.delete_pods and d.requeue_after == pytest.approx(5)
+    d = decide(running(), [pod(0), lost], s=s, now=NOW + dt.timedelta(seconds=200))
+    assert d.status["phase"] == "Restarting" and d.restart_reason == "NodeLost" and d.status["restarts"] == 0
+    assert d.delete_pods == ["job-a1-r0"] and d.force_delete_pods == ["job-a1-r1"]
+
+
+def test_lost_pods_are_force_deleted_while_waiting_for_them() -> None:
+    s = spec(unknown_timeout_seconds=60)
+    lost = pod(1, "Unknown", terminating=True, unknown_since=NOW - dt.timedelta(seconds=120))
+    d = decide({"phase": "Restarting", "attempt": 1}, [lost], s=s)
+    assert d.force_delete_pods == ["job-a1-r1"] and d.create_attempt is None
+
+
+@pytest.mark.parametrize(
+    "gang",
+    [
+        [pod(0), pod(1, terminating=True)],  # someone deleted a pod
+        [pod(0)],  # a pod is gone altogether
+        [pod(0), pod(1, disrupted="EvictionByEvictionAPI")],  # kubectl drain
+    ],
+)
+def test_a_pod_taken_away_while_running_restarts_the_gang_uncounted(gang: list[PodObs]) -> None:
+    d = decide(running(), gang)
+    assert d.status["phase"] == "Restarting" and d.status["restarts"] == 0 and d.status["preemptions"] == 1
+
+
+def test_pods_of_an_older_attempt_are_cleaned_up() -> None:
+    d = decide(running(attempt=2), [pod(0, attempt=2), pod(1, attempt=2), pod(0, "Failed", attempt=1)])
+    assert d.status["phase"] == "Running" and d.delete_pods == ["job-a1-r0"]
+
+
+def test_stuck_image_pull_is_stalled_not_restarted() -> None:
+    d = decide(
+        {"phase": "Pending", "attempt": 1}, [pod(0, "Pending", waiting_reason="ImagePullBackOff"), pod(1)]
+    )
+    assert d.status["phase"] == "Pending" and cond(d, "Stalled")["status"] == "True"
+    assert cond(d, "Reconciling")["status"] == "False" and [e.reason for e in d.events] == ["Stalled"]
+    again = decide(d.status, [pod(0, "Pending", waiting_reason="ImagePullBackOff"), pod(1)])
+    assert not again.events  # said once
+
+
+# ---------------------------------------------------------------- suspend
+
+
+def test_suspend_deletes_the_pods_and_resume_creates_the_next_attempt() -> None:
+    s = spec(suspend=True)
+    d = decide(running(), [pod(0), pod(1, terminating=True)], s=s)
+    assert d.status["phase"] == "Suspended" and d.delete_pods == ["job-a1-r0"] and d.create_attempt is None
+    assert cond(d, "Suspended")["status"] == "True" and cond(d, "Reconciling")["status"] == "True"
+    assert [e.reason for e in d.events] == ["Suspended"]
+    d = decide(d.status, [], s=s)
+    assert cond(d, "Reconciling")["status"] == "False" and not d.events and d.status["attempt"] == 1
+    d = decide(d.status, [pod(1, "Running", terminating=True)])  # resumed, but a pod still saves
+    assert d.create_attempt is None and d.status["phase"] == "Suspended"
+    d = decide(d.status, [])
+    assert (
+        d.create_attempt == 2
+        and d.status["phase"] == "Pending"
+        and [e.reason for e in d.events] == ["Resumed"]
+    )
+    assert d.status["restarts"] == 0 and d.status["preemptions"] == 0
+
+
+def test_a_job_created_suspended_starts_when_unsuspended() -> None:
+    d = decide({}, s=spec(suspend=True))
+    assert d.status["phase"] == "Suspended" and d.status["attempt"] == 0 and d.create_attempt is None
+    d = decide(d.status)
+    assert d.create_attempt == 1 and d.status["attempt"] == 1
+
+
+def test_suspend_on_a_finished_job_changes_nothing() -> None:
+    done = decide(running(), [pod(0, "Succeeded", exit_code=0), pod(1, "Succeeded", exit_code=0)]).status
+    d = decide(done, [], s=spec(suspend=True))
+    assert d.status["phase"] == "Succeeded" and not d.events
+
+
+# ---------------------------------------------------------------- terminal phases and conditions
+
+
+def test_terminal_phases_only_stop_the_pods_of_a_failed_job() -> None:
+    done = {
+        "phase": "Succeeded",
+        "attempt": 1,
+        "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed"}],
+    }
+    d = decide(done, [pod(0, "Succeeded"), pod(1, "Running")])
+    assert d.status["phase"] == "Succeeded" and not d.delete_pods and d.create_attempt is None
+    assert cond(d, "Succeeded")["reason"] == "Completed" and not d.events
+    gone = {
+        "phase": "Failed",
+        "attempt": 1,
+        "conditions": [{"type": "Failed", "status": "True", "reason": "X"}],
+    }
+    d = decide(gone, [failed(0), pod(1, "Running")])
+    assert (
+        d.status["phase"] == "Failed"
+        and d.delete_pods == ["job-a1-r1"]
+        and cond(d, "Failed")["reason"] == "X"
+    )
+
+
+def test_conditions_are_kstatus_shaped_and_keep_their_transition_time() -> None:
+    d = decide({"phase": "Pending", "attempt": 1}, [pod(0), pod(1)], generation=4)
+    assert d.status["phase"] == "Running" and d.status["observedGeneration"] == 4
+    assert {c["type"]: c["status"] for c in d.status["conditions"]} == {
+        "Ready": "True", "Reconciling": "False", "Stalled": "False", "Running": "True",
+        "Succeeded": "False", "Failed": "False", "Suspended": "False",
+    }  # fmt: skip
+    assert all(c["observedGeneration"] == 4 and c["lastTransitionTime"] for c in d.status["conditions"])
+    later = decide(d.status, [pod(0), pod(1)], now=NOW + dt.timedelta(minutes=5), generation=4)
+    assert later.status == d.status and not later.events  # nothing changed: nothing to patch
+
+
+def test_observe_pod_reads_what_the_kubelet_reports() -> None:
+    p = state.observe_pod({
+        "metadata": {"name": "job-a3-r1", "labels": {LABEL_ATTEMPT: "3", LABEL_RANK: "1"},
+                     "deletionTimestamp": "2026-11-23T12:00:00Z"},
+        "status": {"phase": "Failed", "conditions": [
+            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"},
+            {"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "sidecar", "state": {"running": {}}},
+                                  {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]},
+    })  # fmt: skip
+    assert (p.attempt, p.rank, p.phase, p.exit_code, p.reason) == (3, 1, "Failed", 137, "OOMKilled")
+    assert p.terminating and p.disrupted == "PreemptionByScheduler" and p.unknown_since is None
+    u = state.observe_pod({"metadata": {"name": "x"}, "status": {"phase": "Running", "conditions": [
+        {"type": "Ready", "status": "Unknown", "lastTransitionTime": "2026-11-23T11:00:00Z"}]}})  # fmt: skip
+    assert u.unknown_since == NOW - dt.timedelta(hours=1)
+    w = state.observe_pod({"metadata": {"name": "x"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}})  # fmt: skip
+    assert w.waiting_reason == "ImagePullBackOff"
+
+
+def test_progress_status_from_progress_json() -> None:
+    doc = {"state": "running", "step": 120, "total_steps": 300, "percent": 40, "epoch": 1.2, "loss": 2.31,
+           "tokens_per_second": 5120.0, "eta_seconds": 310.0,
+           "last_checkpoint": {"uri": "s3://b/checkpoints/step-00000100", "step": 100}}  # fmt: skip
+    out = state.progress_status(doc)
+    assert out["progress"]["summary"] == "40% (120/300)" and out["progress"]["loss"] == 2.31
+    assert out["last_checkpoint"] == {"uri": "s3://b/checkpoints/step-00000100", "step": 100}
+    assert state.progress_status(None) == {}
+
+
+def test_invalid_spec_fails_the_job() -> None:
+    d = state.invalid_spec({"phase": "Running", "attempt": 1}, 2, NOW, "spec.x: bad")
+    assert d.status["phase"] == "Failed" and cond(d, "Failed")["reason"] == "InvalidSpec"
