@@ -165,6 +165,7 @@ class Resilience:
         self.preempt_step: int | None = None
         self.preempt_committed: bool | None = None
         self.final_step: int | None = None
+        self.save_seconds: list[tuple[float, float]] = []  # (Trainer save, hand-off) per checkpoint
         self.last_save = time.monotonic()
         self._old_handler: Any = None
         self.marker = os.environ.get(ENV_PREEMPT_MARKER)
@@ -416,6 +417,7 @@ class Resilience:
             log.warning("the last checkpoint was not committed within %.0fs", timeout)
         if self.uploader.last_error:
             log.warning("%s", self.uploader.last_error)
+        self._log_checkpoint_costs()
         if self.sigterm_at is not None:  # SIGTERM after the last step: exit resumable if the end is safe
             if self._final_committed():
                 self._write_marker()
@@ -434,6 +436,22 @@ class Resilience:
         self.progress.update(step=getattr(result, "global_step", 0))
         self.progress.set_state("done", None, wait=10)
 
+    def _log_checkpoint_costs(self) -> None:
+        if not self.save_seconds or self.uploader is None:
+            return
+        n = len(self.save_seconds)
+        ups = self.uploader.upload_seconds
+        log.info(
+            "checkpoint costs: %d saves, in the training loop %.3fs each (trainer save %.3fs + hand-off %.3fs); "
+            "%d uploads in the background, %.2fs each",
+            n,
+            sum(a + b for a, b in self.save_seconds) / n,
+            sum(a for a, _ in self.save_seconds) / n,
+            sum(b for _, b in self.save_seconds) / n,
+            len(ups),
+            sum(ups) / max(1, len(ups)),
+        )
+
 
 class ResilienceCallback(TrainerCallback):
     """Wires `Resilience` into transformers' Trainer (all ranks)."""
@@ -443,6 +461,7 @@ class ResilienceCallback(TrainerCallback):
         self.every_seconds = (res.spec.checkpoint.every_minutes or 0) * 60
         # tests and benchmarks: make steps take at least this long, so a kill lands mid-training
         self.step_delay = float(os.environ.get(ENV_TEST_STEP_DELAY, "0") or 0)
+        self._t_step_end = time.monotonic()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         r = self.res
@@ -477,12 +496,17 @@ class ResilienceCallback(TrainerCallback):
             control.should_save = True  # the end is a checkpoint too: a pod lost during export resumes here
         if r.progress is not None:
             r.progress.update(step=state.global_step, total_steps=state.max_steps, epoch=state.epoch or 0.0)
+        self._t_step_end = time.monotonic()
         return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> Any:
         r = self.res
         if r.progress is not None and logs:
             fields = {k: logs[k] for k in ("loss", "tokens_per_second", "eta_seconds") if k in logs}
+            # method dpo: TRL logs rewards/chosen, /rejected, /margins, /accuracies with every loss
+            rewards = {k.split("/", 1)[1]: logs[k] for k in logs if k.startswith("rewards/")}
+            if rewards and "loss" in logs:
+                fields["rewards"] = rewards
             if fields:
                 r.progress.update(**fields)
         return control
@@ -492,7 +516,7 @@ class ResilienceCallback(TrainerCallback):
         g = r.gang
         step = state.global_step
         ckdir = Path(args.output_dir) / f"checkpoint-{step}"
-        r.last_save = time.monotonic()
+        t_saved = r.last_save = time.monotonic()
         if g.distributed:
             # every rank's RNG state into rank 0's dir (other nodes wrote theirs to their own disk)
             mine = ckdir / f"rng_state_{g.rank}.pth"
@@ -512,6 +536,8 @@ class ResilienceCallback(TrainerCallback):
         if g.is_main:
             assert r.uploader is not None
             r.uploader.submit(ckdir, step, urgent=preempting)
+        # what this save cost the training loop: the Trainer's own save, then our hand-off
+        r.save_seconds.append((t_saved - self._t_step_end, time.monotonic() - t_saved))
         if preempting:
             r._finish_preemption(step)
         return control
