@@ -48,7 +48,8 @@ def export_final(
     written: dict[str, Path] = {}
     if plan.uses_adapter:
         adapter = _fresh_dir(output_dir / ADAPTER_DIR)
-        model.save_pretrained(adapter, safe_serialization=True)
+        # the base's embedding / output matrices stay out of the adapter even when LoRA targets them
+        model.save_pretrained(adapter, safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(adapter)
         written["adapter"] = adapter
         if not spec.output.merge_adapter:

@@ -1,4 +1,5 @@
-"""One training run of a FineTuneJob (method sft/pretrain) on transformers' `Trainer`.
+"""One training run of a FineTuneJob on transformers' `Trainer` (sft, pretrain; dpo through TRL's
+`DPOTrainer`, a `Trainer` subclass built by :mod:`dpo`).
 
     from kubetune_trainer.train import run_training
     result = run_training(job, workdir=Path("/scratch/job"), callbacks=[MyCallback()], resume_from=None)
@@ -51,7 +52,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.conventions import CHECKPOINTS_DIR
-from kubetune_trainer.errors import JobError
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJob, FineTuneJobSpec
@@ -191,8 +191,6 @@ def run_training(
     from kubetune_trainer.reporting import ReportingCallback
 
     spec = job.spec
-    if spec.method == "dpo":
-        raise JobError("spec.method dpo is run by the DPO trainer, not run_training")
     dist = DistEnv.from_env()
     workdir = Path(workdir)
     out_dir = Path(output_dir) if output_dir is not None else local_output_dir(spec, workdir)
@@ -236,15 +234,24 @@ def run_training(
         spec, ckpt_dir, precision=precision, has_eval=data.eval_dataset is not None, max_steps=max_steps
     )
     reporter = ReportingCallback(out_dir, title=job.metadata.name)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=data.train_dataset,
-        eval_dataset=data.eval_dataset,
-        data_collator=data.data_collator,
-        processing_class=tokenizer,
-        callbacks=[reporter, *callbacks],
-    )
+    if spec.method == "dpo":
+        from kubetune_trainer.dpo import build_dpo_trainer
+
+        trainer = build_dpo_trainer(
+            spec, model=model, tokenizer=tokenizer, data=data, args=args, plan=plan,
+            callbacks=[reporter, *callbacks],
+            load_reference=lambda: model_loading.load_model(model_dir, spec, precision),
+        )  # fmt: skip
+    else:
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=data.train_dataset,
+            eval_dataset=data.eval_dataset,
+            data_collator=data.data_collator,
+            processing_class=tokenizer,
+            callbacks=[reporter, *callbacks],
+        )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
 
@@ -263,10 +270,15 @@ def run_training(
     if completed and trainer.is_world_process_zero():
         from kubetune_trainer.export import export_final
 
+        final_model = trainer.model
+        if spec.method == "dpo":
+            from kubetune_trainer.dpo import without_reference_adapter
+
+            final_model = without_reference_adapter(final_model)
         if data.end_of_turn_token_ids:
-            _add_eos_ids(trainer.model, data.end_of_turn_token_ids)
+            _add_eos_ids(final_model, data.end_of_turn_token_ids)
         exported = export_final(
-            trainer.model, tokenizer, spec, out_dir, plan=plan, precision=precision, model_dir=model_dir
+            final_model, tokenizer, spec, out_dir, plan=plan, precision=precision, model_dir=model_dir
         )
         log.info(
             "wrote %s",
@@ -338,6 +350,8 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
     )
+    # peft on checkpoint saves when LoRA targets lm_head / embeddings: it keeps the full matrices
+    warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True`")
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover
