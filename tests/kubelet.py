@@ -9,7 +9,8 @@ each pod's container command as a local process (in its own process group) with 
   (/etc/kubetune/job.yaml -> <tmp>/<pod>/config/job.yaml);
 - env: values, fieldRef (metadata.name/namespace/uid/labels, spec.nodeName, status.podIP),
   secretKeyRef and configMapKeyRef read from the API; $(VAR) expanded in command and args;
-  cluster DNS names (<pod>.<service>.<ns>.svc[.cluster.local]) resolve to 127.0.0.1;
+  cluster DNS names (<pod>.<service>.<ns>.svc[.cluster.local]) resolve to 127.0.0.1 (with `ports`
+  moving well-known ports such as torchrun's 29500 to free ones, since every pod shares the host);
 - status: Pending (ContainerCreating) -> Running -> Succeeded/Failed with the container's exit code
   (128+signal when killed), reason Completed/Error/OOMKilled, and the log tail as the message;
 - deletion: a pod with deletionTimestamp gets SIGTERM on its main process, SIGKILL for the whole
@@ -68,6 +69,8 @@ class Kubelet:
     # Replace a pod's command (e.g. a fake trainer): pod -> argv, or None to run the pod's own.
     command_for: Callable[[dict], list[str] | None] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Ports of cluster addresses moved on this machine (all pods share 127.0.0.1): {29500: 41234}.
+    ports: dict[int, int] = field(default_factory=dict)
     pods: dict[tuple[str, str], Running] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -364,7 +367,12 @@ class Kubelet:
             paths = "|".join(re.escape(m.rstrip("/")) for m in sorted(mounts, key=len, reverse=True))
             local = {m.rstrip("/"): str(d) for m, d in mounts.items()}
             text = re.sub(rf"(?<![\w.-])({paths})(?=/|$|[\s:;,\"'])", lambda m: local[m.group(1)], text)
-        return DNS.sub("127.0.0.1", text)
+        text = DNS.sub("127.0.0.1", text)
+        return re.sub(
+            r"\b127\.0\.0\.1:(\d+)\b",
+            lambda m: f"127.0.0.1:{self.ports.get(int(m.group(1)), m.group(1))}",
+            text,
+        )
 
     async def _env(self, pod: dict, container: dict, mounts: dict[str, Path]) -> dict[str, str]:
         ns, meta = pod["metadata"].get("namespace", "default"), pod["metadata"]
@@ -434,7 +442,10 @@ def _expand(text: str, env: dict[str, str]) -> str:
 
 
 def wait_for(
-    predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str | Callable[[], str] = ""
+    predicate: Callable[[], Any],
+    timeout: float = 60.0,
+    interval: float = 0.1,
+    what: str | Callable[[], str] = "",
 ) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
     end = time.monotonic() + timeout
