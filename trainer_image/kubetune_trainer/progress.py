@@ -2,12 +2,13 @@
 
 Written by global rank 0 to <output.uri>/progress.json every few seconds (from a background
 thread: a slow or unreachable store never blocks training) and at once on every state change.
-The document (all keys always present; null when unknown):
+The document (all keys always present, null when unknown, but `rewards`: method dpo only):
 
     {"job": "demo", "attempt": 2, "state": "running",     # starting|running|saving|done|failed|preempted
      "reason": null,                                       # why failed/preempted
      "step": 120, "total_steps": 300, "percent": 40, "epoch": 1.2, "loss": 2.31,
      "tokens_per_second": 5120.0, "eta_seconds": 310.0,
+     "rewards": {"chosen": 0.4, "rejected": -0.9, "margins": 1.3, "accuracies": 0.95},
      "last_checkpoint": {"uri": "s3://b/jobs/demo/checkpoints/step-00000100", "step": 100},
      "resumed_from": {"uri": ..., "step": 50} | null,
      "world_size": 4, "started_at": "...Z", "updated_at": "...Z"}
@@ -197,6 +198,11 @@ def format_progress(p: dict[str, Any], uri: str = "") -> str:
         parts.append(f"epoch {float(p['epoch']):.2f}")
     if p.get("loss") is not None:
         parts.append(f"loss {float(p['loss']):.4f}")
+    rewards = p.get("rewards") or {}
+    if rewards.get("margins") is not None:
+        parts.append(f"reward margin {float(rewards['margins']):.3f}")
+    if rewards.get("accuracies") is not None:
+        parts.append(f"preference accuracy {float(rewards['accuracies']):.0%}")
     if p.get("tokens_per_second") is not None:
         parts.append(f"{float(p['tokens_per_second']):.0f} tokens/s")
     if p.get("eta_seconds") is not None and p.get("state") == "running":

@@ -62,6 +62,7 @@ log = logging.getLogger("kubetune.resilience")
 ENV_PREEMPT_MARKER = "KUBETUNE_PREEMPT_MARKER"  # file the trainer writes after a committed SIGTERM save
 EXIT_MARGIN_SECONDS = 2.0  # of the grace budget, kept for stopping the processes after the commit
 FINAL_UPLOAD_TIMEOUT_SECONDS = 900.0
+FAILURE_UPLOAD_GRACE_SECONDS = 20.0  # torchrun stops the other workers within TORCH_ELASTIC_SHUTDOWN_TIMEOUT
 ENV_TEST_STEP_DELAY = "KUBETUNE_TEST_STEP_DELAY"  # seconds slept after every step (tests, benchmarks)
 
 
@@ -184,7 +185,9 @@ class Resilience:
                     reason = f"{type(exc).__name__}: {exc}".strip()
                     self.progress.set_state("failed", reason[:500], wait=5)
             if self.uploader is not None:
-                self.uploader.close(timeout=0 if exc is not None else 30)
+                # a crash elsewhere in the gang: a checkpoint already handed over still gets its chance
+                preempted = isinstance(exc, SystemExit) and exc.code == EXIT_PREEMPTED
+                self.uploader.close(timeout=0 if preempted else FAILURE_UPLOAD_GRACE_SECONDS)
             if self.progress is not None:
                 self.progress.close(timeout=3)
         finally:
