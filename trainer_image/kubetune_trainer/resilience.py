@@ -177,19 +177,25 @@ class Resilience:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        # after SIGTERM the kubelet's SIGKILL is near: never wait past the grace budget
+        budget = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+        def within(seconds: float) -> float:
+            return seconds if budget is None else min(seconds, budget)
+
         try:
+            preempted = isinstance(exc, SystemExit) and exc.code == EXIT_PREEMPTED
             if exc is not None and self.progress is not None:
-                if isinstance(exc, SystemExit) and exc.code == EXIT_PREEMPTED:
-                    self.progress.set_state("preempted", "SIGTERM", wait=3)
+                if preempted:
+                    self.progress.set_state("preempted", "SIGTERM", wait=within(3))
                 else:
                     reason = f"{type(exc).__name__}: {exc}".strip()
-                    self.progress.set_state("failed", reason[:500], wait=5)
+                    self.progress.set_state("failed", reason[:500], wait=within(5))
             if self.uploader is not None:
                 # a crash elsewhere in the gang: a checkpoint already handed over still gets its chance
-                preempted = isinstance(exc, SystemExit) and exc.code == EXIT_PREEMPTED
-                self.uploader.close(timeout=0 if preempted else FAILURE_UPLOAD_GRACE_SECONDS)
+                self.uploader.close(timeout=0 if preempted else within(FAILURE_UPLOAD_GRACE_SECONDS))
             if self.progress is not None:
-                self.progress.close(timeout=3)
+                self.progress.close(timeout=within(3))
         finally:
             if self._old_handler is not None:
                 signal.signal(signal.SIGTERM, self._old_handler)
