@@ -1,0 +1,109 @@
+"""DPO and continued pre-training through the operator, like SFT (tests/test_operator_e2e.py):
+FineTuneJob -> operator -> pods running the real trainer (supervise -> torchrun) -> S3 (SeaweedFS).
+
+- dpo: one node, LoRA; the job Succeeds, the adapter lands in S3, progress.json carries the rewards.
+- pretrain (streaming, full fine-tuning): the pod is killed after a committed checkpoint; the gang
+  restarts as attempt 2, resumes from that checkpoint and Succeeds with the model in S3.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures_kube import Cluster
+from tests.kubelet import Kubelet, wait_for
+from tests.test_dpo import write_preferences
+from tests.test_operator_e2e import lora_job, real_kubelet  # noqa: F401 - real_kubelet is a fixture
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dirs: dict) -> Path:
+    return tiny_model_dirs["qwen2"]
+
+
+def s3_secret(cluster: Cluster, s3: Any) -> None:
+    data = {
+        k: base64.b64encode(s3.env[k].encode()).decode()
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    cluster.core.create_namespaced_secret("default", {"metadata": {"name": "s3-credentials"}, "data": data})
+
+
+def stage_job(name: str, model: Path, s3: Any, stage: str, data: Path) -> dict:
+    doc = lora_job(name, model, s3)  # the SFT e2e job, with the stage's method, data and weights
+    spec = doc["spec"]
+    spec["parallel_config"] = {"nnodes": 1}
+    spec["training"].update(max_steps=12, seq_length=64)
+    if stage == "dpo":
+        spec["method"] = "dpo"
+        spec["dataset"] = {"uri": str(data)}
+    else:
+        spec["method"] = "pretrain"
+        spec["dataset"] = {"uri": str(data), "streaming": True}
+        spec["pet_config"] = {"pet_type": "full"}
+        spec["training"].update(learning_rate=1e-3, packing=True)
+    return doc
+
+
+def test_dpo_job_succeeds_through_the_operator(
+    cluster: Cluster,
+    s3: Any,
+    tiny_model: Path,
+    real_kubelet: Kubelet,  # noqa: F811
+    operator: object,
+    tmp_path: Path,
+) -> None:
+    s3_secret(cluster, s3)
+    cluster.create_job(
+        stage_job("dpo", tiny_model, s3, "dpo", write_preferences(tmp_path / "prefs.jsonl", 32))
+    )
+    status = cluster.wait_phase("dpo", "Succeeded", "Failed", timeout=300)
+    assert status["phase"] == "Succeeded", (status, real_kubelet.log_of("dpo-a1-r0")[-3000:])
+    assert status["attempt"] == 1 and status["output"] == s3.uri("jobs/dpo/final")
+    assert status["progress"]["summary"] == "100% (12/12)"
+    progress = json.loads(s3.store("jobs/dpo").get_bytes("progress.json"))
+    assert progress["state"] == "done" and progress["rewards"]["margins"] > 0, progress
+    keys = s3.keys("jobs/dpo/final/adapter/")
+    assert any(k.endswith("adapter_model.safetensors") for k in keys) and not any("/ref/" in k for k in keys)
+    metrics = s3.store("jobs/dpo").get_bytes("metrics.jsonl").decode().splitlines()
+    assert sum("rewards/margins" in line for line in metrics) == 12
+
+
+def test_streaming_pretrain_job_survives_a_killed_pod(
+    cluster: Cluster,
+    s3: Any,
+    tiny_model: Path,
+    real_kubelet: Kubelet,  # noqa: F811
+    operator: object,
+) -> None:
+    s3_secret(cluster, s3)
+    cluster.create_job(stage_job("pt", tiny_model, s3, "pretrain", ROOT / "examples/data/c4_118.jsonl"))
+    status = wait_for(
+        lambda: (
+            (s := cluster.status("pt")).get("phase") == "Running"
+            and (s.get("last_checkpoint") or {}).get("step")
+            and s
+        ),
+        240,
+        what=lambda: (
+            f"a committed checkpoint; status {cluster.status('pt')}\n{real_kubelet.log_of('pt-a1-r0')[-3000:]}"
+        ),
+    )
+    first_ckpt = status["last_checkpoint"]["step"]
+    assert real_kubelet.kill("pt-a1-r0", signal.SIGKILL)
+    status = cluster.wait_phase("pt", "Succeeded", "Failed", timeout=300)
+    assert status["phase"] == "Succeeded", status
+    assert (status["attempt"], status["restarts"]) == (2, 1), status
+    progress = json.loads(s3.store("jobs/pt").get_bytes("progress.json"))
+    assert progress["attempt"] == 2 and progress["resumed_from"]["step"] >= first_ckpt
+    assert any(k.endswith("model.safetensors") for k in s3.keys("jobs/pt/final/merged/"))
