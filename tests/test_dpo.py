@@ -362,3 +362,17 @@ def test_preference_rows_without_rejected_are_named_at_load(
     skip = make_job("skip", tmp_path, data, tmp_path / "out", dataset={"on_bad_row": "skip"})
     built = build_datasets(skip, tokenizer, seed=0)
     assert built.stats.skipped_bad_rows == 1 and len(built.train_dataset) == 1
+
+
+def test_lora_on_the_output_head_is_refused_in_one_line(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    from kubetune_trainer.errors import JobError
+    from kubetune_trainer.train import run_training
+
+    job = make_job(
+        "head", model_dir, prefs, tmp_path / "out", pet_config={"target_modules": ".*_proj|lm_head"},
+        training={"max_steps": 1},
+    )  # fmt: skip
+    with pytest.raises(
+        JobError, match=r"target_modules: method dpo cannot train a LoRA adapter on the output head"
+    ):
+        run_training(job, workdir=tmp_path / "work")

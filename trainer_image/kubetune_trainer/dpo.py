@@ -112,6 +112,8 @@ def build_dpo_trainer(
         raise JobError(f"the DPO trainer needs preference data, got data built for method {data.method}")
     if data.streaming:
         raise JobError("dataset.streaming is not supported with method dpo")
+    if plan.uses_adapter:
+        _check_no_adapter_on_output_head(model, spec)
     ref_model = None
     if not plan.uses_adapter:
         if load_reference is None:
@@ -132,6 +134,23 @@ def build_dpo_trainer(
     else:
         log.info("dpo reference: a frozen copy of %s", spec.model.uri)
     return trainer
+
+
+def _check_no_adapter_on_output_head(model: Any, spec: FineTuneJobSpec) -> None:
+    """TRL scores DPO from ``lm_head.weight`` directly, so LoRA on the output head would never train;
+    say so in one line instead of TRL's ValueError."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "lora_A"):
+        return
+    if spec.model.adapter_uri:
+        raise JobError(
+            f"spec.model.adapter_uri: {spec.model.adapter_uri} has a LoRA adapter on the output head (lm_head), "
+            "which method dpo cannot train; use that run's final/merged model as spec.model.uri instead"
+        )
+    raise JobError(
+        "spec.pet_config.target_modules: method dpo cannot train a LoRA adapter on the output head "
+        "(lm_head); leave it out (e.g. all-linear or '.*_proj')"
+    )
 
 
 def without_reference_adapter(model: Any) -> Any:
