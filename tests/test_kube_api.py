@@ -387,3 +387,19 @@ def test_transition_rules_make_fields_immutable(http: Http) -> None:
     assert code == 422 and body["details"]["causes"][0]["field"] == "spec.method"
     assert 'Invalid value: "string": method is immutable' in body["message"]
     assert http("PATCH", f"{FTJ}/immut", {"spec": {"suspend": True, "image": "x:1"}}, headers=MERGE)[0] == 200
+
+
+def test_kubectl_get_shows_the_printer_columns(server: RunningAPI, http: Http, tmp_path: Path) -> None:
+    """Server-side printing: `kubectl get` asks for a Table and shows the CRD's additionalPrinterColumns."""
+    import subprocess
+
+    http.ok("POST", FTJ, job("cols"))
+    status = {"phase": "Running", "restarts": 1, "progress": {"summary": "40% (8/20)", "loss": 1.25}}
+    http.ok("PATCH", f"{FTJ}/cols/status", {"status": status}, headers=MERGE)
+    env = {"KUBECONFIG": str(server.kubeconfig(tmp_path / "kubeconfig")), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        ["kubectl", "get", "ftj", "cols"], env=env, capture_output=True, text=True, timeout=60
+    )
+    header, row = out.stdout.splitlines()
+    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "AGE"], out.stderr
+    assert row.split()[:6] == ["cols", "Running", "40%", "(8/20)", "1.25", "1"]

@@ -79,7 +79,6 @@ def test_killed_pod_restarts_the_gang_which_resumes_from_the_checkpoint(
     cluster.create_job(job_doc("crash", out, steps=30, every=5))
     wait_for(lambda: progress_step(out) >= 12, 30, what="step 12")
     assert kubelet.kill("crash-a1-r1")  # SIGKILL: exit 137, a crash
-    status = cluster.wait_phase("crash", "Restarting", "Pending", timeout=20)
     status = cluster.wait_phase("crash", "Succeeded", timeout=60)
     assert (status["attempt"], status["restarts"], status["preemptions"]) == (2, 1, 0)
     assert status["last_restart_reason"].startswith(
@@ -164,7 +163,9 @@ def test_deleting_the_job_mid_run_removes_everything(
         o["metadata"]["name"] for plural in ("pods", "services", "configmaps")
         for o in api.objects(__import__("kmock").resource("v1", plural), "default", "kubetune.io/job=gone")
     ]  # fmt: skip
-    wait_for(lambda: not leftovers() and not kubelet.running(), 30, what="pods, service, config map gone")
+    wait_for(lambda: not leftovers() and not kubelet.running(), 30,
+             what=lambda: f"pods, service, config map gone: {leftovers()}, running {kubelet.running()}, "
+             f"job {cluster.job('gone') and cluster.job('gone')['metadata']}")  # fmt: skip
     time.sleep(1.5)  # and the operator does not bring anything back
     assert not leftovers() and cluster.job("gone") is None
 
@@ -213,11 +214,11 @@ def test_operator_killed_at_any_moment_never_duplicates_pods_nor_loses_the_attem
 ) -> None:
     out = tmp_path / "out"
     slow(kubelet, 0.1)
-    cluster.create_job(job_doc("tough", out, steps=60, every=5))
+    cluster.create_job(job_doc("tough", out, steps=100, every=5))
     killed = 0
     crashed = False
     deadline = time.monotonic() + 180
-    while cluster.status("tough").get("phase") != "Succeeded":
+    while killed < 6 or cluster.status("tough").get("phase") != "Succeeded":
         assert time.monotonic() < deadline, cluster.status("tough")
         time.sleep(1.5 + 0.6 * (killed % 5))  # kill it at varied moments (it needs ~1.2 s to start)
         operator_process.kill()
@@ -227,8 +228,24 @@ def test_operator_killed_at_any_moment_never_duplicates_pods_nor_loses_the_attem
             crashed = True
         operator_process.start()
     status = cluster.status("tough")
-    assert crashed and killed >= 5
+    assert crashed
     assert (status["attempt"], status["restarts"], status["preemptions"]) == (2, 1, 0)
     names = created_pods(cluster)
     assert len(names) == len(set(names)) == 4, names  # every pod created exactly once
     print(f"operator killed {killed} times", file=sys.__stdout__)
+
+
+def test_an_evicted_pod_restarts_the_gang_uncounted(
+    cluster: Cluster, kubelet: Kubelet, operator: object, tmp_path: Path
+) -> None:
+    """`kubectl drain` evicts through the Eviction API: DisruptionTarget, SIGTERM, the trainer saves."""
+    out = tmp_path / "out"
+    slow(kubelet)
+    cluster.create_job(job_doc("drain", out, steps=40, every=10, restart_policy={"max_restarts": 0}))
+    wait_for(lambda: progress_step(out) >= 5, 30, what="step 5")
+    cluster.core.create_namespaced_pod_eviction(
+        "drain-a1-r1", "default", {"metadata": {"name": "drain-a1-r1"}}, _preload_content=False
+    )
+    status = cluster.wait_phase("drain", "Succeeded", timeout=60)
+    assert (status["attempt"], status["restarts"], status["preemptions"]) == (2, 0, 1)
+    assert status["last_restart_reason"].startswith(("Evicted:", "PodDeleted:"))

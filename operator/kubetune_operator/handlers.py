@@ -222,9 +222,7 @@ def _job_model(job: dict) -> FineTuneJob:
     return FineTuneJob.model_validate({k: job[k] for k in ("apiVersion", "kind", "metadata", "spec")})
 
 
-def reconcile(
-    kube: Kube, namespace: str, name: str, *, trigger: str, with_progress: bool = False
-) -> state.Decision | None:
+def reconcile(kube: Kube, namespace: str, name: str, *, trigger: str) -> state.Decision | None:
     """Bring one job one step closer to its goal. Returns the decision applied (None: job gone)."""
     started = time.monotonic()
     try:
@@ -235,7 +233,7 @@ def reconcile(
                     metrics.set_phase(namespace, name, None)
                     return None
                 try:
-                    decision = _reconcile_once(kube, job, with_progress)
+                    decision = _reconcile_once(kube, job)
                 except ApiException as e:
                     if e.status == 409:
                         continue
@@ -250,7 +248,7 @@ def reconcile(
         metrics.RECONCILE.labels(trigger=trigger).observe(time.monotonic() - started)
 
 
-def _reconcile_once(kube: Kube, job: dict, with_progress: bool) -> state.Decision:
+def _reconcile_once(kube: Kube, job: dict) -> state.Decision:
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     status = job.get("status") or {}
@@ -273,10 +271,9 @@ def _reconcile_once(kube: Kube, job: dict, with_progress: bool) -> state.Decisio
     rank0_done = any(p.attempt == attempt and p.rank == 0 and p.phase == "Succeeded" for p in observed)
 
     progress = committed = None
-    if (with_progress or rank0_done) and status.get("phase") not in state.TERMINAL:
+    if rank0_done and status.get("phase") not in state.TERMINAL:  # the last progress and the output check
         progress = read_progress(spec)
-        if rank0_done:
-            committed = output_committed(spec, progress)
+        committed = output_committed(spec, progress)
     decision = state.decide(
         state.Observed(
             spec=spec, status=status, generation=int(meta.get("generation") or 1), pods=observed,
