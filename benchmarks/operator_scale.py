@@ -171,7 +171,7 @@ def main() -> int:
     print(text)
     if args.append:
         with open(args.append, "a") as f:
-            f.write("\n" + text)
+            f.write("\n" + text + "\n")
     return 0
 
 
