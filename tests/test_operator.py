@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import kubernetes
@@ -28,6 +29,13 @@ def progress_step(output: Path) -> int:
         return json.loads((output / "progress.json").read_text())["step"]
     except (FileNotFoundError, ValueError, KeyError):
         return -1
+
+
+def _get(url: str) -> str | None:
+    try:
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:
+        return None
 
 
 def created_pods(cluster: Cluster) -> list[str]:
@@ -232,6 +240,13 @@ def test_operator_killed_at_any_moment_never_duplicates_pods_nor_loses_the_attem
     assert (status["attempt"], status["restarts"], status["preemptions"]) == (2, 1, 0)
     names = created_pods(cluster)
     assert len(names) == len(set(names)) == 4, names  # every pod created exactly once
+    # the process still running serves kopf's liveness probe and our metrics
+    metrics = f"http://127.0.0.1:{operator_process.metrics_port}/metrics"
+    wait_for(
+        lambda: 'kubetune_jobs{phase="Succeeded"} 1.0' in (_get(metrics) or ""), 30, what="the phase metric"
+    )
+    health = _get(f"http://127.0.0.1:{operator_process.liveness_port}/healthz")
+    assert health is not None and json.loads(health)["jobs"] == 1  # the probe counts the jobs it has seen
     print(f"operator killed {killed} times", file=sys.__stdout__)
 
 

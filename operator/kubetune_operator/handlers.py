@@ -344,7 +344,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.probe(id="jobs")
 def probe_jobs(**_: Any) -> int:
-    return len(metrics._phases)
+    return metrics.job_count()
 
 
 @kopf.on.create(*JOBS)

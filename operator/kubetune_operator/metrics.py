@@ -49,6 +49,12 @@ def set_phase(namespace: str, name: str, phase: str | None) -> None:
             JOBS.labels(phase=phase).inc()
 
 
+def job_count() -> int:
+    """Jobs this process has seen and not seen deleted (kopf's liveness probe reports it)."""
+    with _lock:
+        return len(_phases)
+
+
 _serving: set[int] = set()
 
 

@@ -60,7 +60,6 @@ STUCK_WAITING = {
 }  # fmt: skip
 # Pod conditions/reasons that say the pod was taken away, not that the training failed.
 DISRUPTION_REASONS = {"Evicted", "Preempting", "NodeLost", "NodeShutdown", "Terminated", "Shutdown"}
-POLL_SECONDS = 5.0  # re-check this often while waiting on pods to go away or to start
 
 
 def iso(t: dt.datetime) -> str:
@@ -154,7 +153,6 @@ class Decision:
     force_delete_pods: list[str] = field(default_factory=list)  # on lost nodes: no kubelet will finish them
     delete_configs_before: int | None = None  # delete config maps of attempts older than this
     events: list[Event] = field(default_factory=list)
-    requeue_after: float | None = None  # look again after this many seconds (None: on the next event)
     restart_reason: str | None = None  # set when this decision restarts the gang (for metrics)
 
 
@@ -326,7 +324,6 @@ def _decide(o: Observed) -> Decision:
             d.events.append(
                 Event("Normal", "Suspended", f"spec.suspend is true: stopping attempt {attempt}'s pods")
             )
-        d.requeue_after = None if gone else POLL_SECONDS
         return d
 
     if phase in (None, "", SUSPENDED, RESTARTING):
@@ -360,7 +357,6 @@ def _decide(o: Observed) -> Decision:
             _status(o, PENDING, "CreatingPods", f"attempt {attempt}: {len(present)}/{nnodes} pods created"),
             create_attempt=attempt,
             delete_pods=deletes,
-            requeue_after=POLL_SECONDS,
         )
         return d
 
@@ -384,13 +380,7 @@ def _decide(o: Observed) -> Decision:
         message += f"; {unsched[0].name} unschedulable: {unsched[0].unschedulable}"
     if stalled:
         message += f"; {stalled}"
-    requeue = POLL_SECONDS
-    if silent:
-        since = min(p.unknown_since for p in silent if p.unknown_since is not None)
-        left = o.spec.restart_policy.unknown_timeout_seconds - (o.now - since).total_seconds()
-        requeue = max(0.5, min(requeue, left))
-    d = Decision(_status(o, phase, "WaitingForPods", message, stalled=stalled), delete_pods=deletes,
-                 requeue_after=requeue)  # fmt: skip
+    d = Decision(_status(o, phase, "WaitingForPods", message, stalled=stalled), delete_pods=deletes)
     if stalled and not any(
         c.get("type") == "Stalled" and c.get("status") == "True" for c in status.get("conditions") or []
     ):
@@ -410,14 +400,12 @@ def _next_attempt(o: Observed, phase: str | None, attempt: int, pods: list[PodOb
         message = f"waiting for {len(pods)} pods of attempt {attempt} to stop"
         keep = RESTARTING if phase == RESTARTING else PENDING if not phase else SUSPENDED
         r = "Suspending" if keep == SUSPENDED else "Restarting" if keep == RESTARTING else "Cleaning"
-        return Decision(
-            _status(o, keep, r, message), delete_pods=_not_deleting(pods), requeue_after=POLL_SECONDS
-        )
+        return Decision(_status(o, keep, r, message), delete_pods=_not_deleting(pods))
     after = parse_time(status.get("restart_after"))
     if phase == RESTARTING and after is not None and o.now < after:
         wait = (after - o.now).total_seconds()
         message = f"attempt {attempt + 1} starts in {wait:.0f}s (backoff)"
-        return Decision(_status(o, RESTARTING, "BackingOff", message), requeue_after=wait)
+        return Decision(_status(o, RESTARTING, "BackingOff", message))
     nxt = attempt + 1
     changes: dict[str, Any] = {"attempt": nxt, "restart_after": None}
     if not status.get("start_time"):
@@ -427,7 +415,6 @@ def _next_attempt(o: Observed, phase: str | None, attempt: int, pods: list[PodOb
         _status(o, PENDING, "CreatingPods", message, **changes),
         create_attempt=nxt,
         delete_configs_before=nxt,
-        requeue_after=POLL_SECONDS,
     )
     verb = {"Created": "starting", "Resumed": "resuming", "Restarted": "restarting"}[reason]
     d.events.append(Event("Normal", reason, f"{verb} as attempt {nxt}"))
@@ -458,7 +445,6 @@ def _restart_or_fail(
         _status(o, RESTARTING, t.reason, message, restart_after=iso(o.now + dt.timedelta(seconds=wait)),
                 last_restart_reason=f"{t.reason}: {t.message}", **counters),
         delete_pods=deletes + _not_deleting(current),
-        requeue_after=POLL_SECONDS,
         restart_reason=t.reason,
     )  # fmt: skip
     d.events.append(Event("Warning", "Restarting", message))
