@@ -39,39 +39,47 @@ def export_final(
     plan: MethodPlan,
     precision: Precision,
     model_dir: Path,
+    state_dict: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write final/adapter and/or final/merged; returns {"adapter": dir, "merged": dir} as written.
 
     `model` is the trained (unwrapped) model; for LoRA with merge it is merged in place, so it is
-    not usable for training afterwards.
+    not usable for training afterwards. `state_dict`: the full weights when `model` is sharded
+    (FSDP; gathered by every rank beforehand); LoRA is then merged onto a freshly loaded base.
     """
     written: dict[str, Path] = {}
     if plan.uses_adapter:
         adapter = _fresh_dir(output_dir / ADAPTER_DIR)
         # the base's embedding / output matrices stay out of the adapter even when LoRA targets them
-        model.save_pretrained(adapter, safe_serialization=True, save_embedding_layers=False)
+        model.save_pretrained(
+            adapter, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
+        )
         tokenizer.save_pretrained(adapter)
         written["adapter"] = adapter
         if not spec.output.merge_adapter:
             return written
-        if plan.pet_type == "qlora":
-            merged_model = merge_onto_dequantized_base(model_dir, adapter, plan, precision)
+        if plan.pet_type == "qlora" or state_dict is not None:
+            merged_model = merge_onto_base(model_dir, adapter, plan, precision)
         else:
             merged_model = model.merge_and_unload()
+        state_dict = None
     else:
-        merged_model = model.to(precision.dtype)
+        merged_model = model
+        if state_dict is None:
+            merged_model = model.to(precision.dtype)
+        else:
+            state_dict = {k: v.to(precision.dtype) for k, v in state_dict.items()}
     merged = _fresh_dir(output_dir / MERGED_DIR)
     merged_model.config.use_cache = True
-    merged_model.save_pretrained(merged, safe_serialization=True)
+    merged_model.save_pretrained(merged, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(merged)
     written["merged"] = merged
     return written
 
 
-def merge_onto_dequantized_base(
-    model_dir: Path, adapter_dir: Path, plan: MethodPlan, precision: Precision
-) -> Any:
-    """Reload the base quantized exactly as in training, de-quantize it, merge the saved adapter."""
+def merge_onto_base(model_dir: Path, adapter_dir: Path, plan: MethodPlan, precision: Precision) -> Any:
+    """Reload the base as in training (QLoRA: quantized the same way, then de-quantized) and merge
+    the saved adapter into it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -86,9 +94,10 @@ def merge_onto_dequantized_base(
         quantization_config=plan.quantization_config,
         device_map={"": precision.device_type},
     )
-    base = base.dequantize(dtype=precision.dtype)
-    if getattr(base.config, "quantization_config", None) is not None:
-        del base.config.quantization_config
+    if plan.quantization_config is not None:
+        base = base.dequantize(dtype=precision.dtype)
+        if getattr(base.config, "quantization_config", None) is not None:
+            del base.config.quantization_config
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 

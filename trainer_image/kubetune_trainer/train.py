@@ -166,8 +166,14 @@ def training_arguments(
         log_level_replica="error",
     )
     if spec.parallel_config.strategy == "fsdp":
-        kwargs["fsdp"] = "full_shard auto_wrap"
-        kwargs["fsdp_config"] = {"use_orig_params": True, "activation_checkpointing": False}
+        # FSDP2, one layer per shard unit (the model's _no_split_modules); checkpoints hold full state
+        kwargs["fsdp"] = True
+        kwargs["fsdp_config"] = {
+            "version": 2,
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": t.gradient_checkpointing,
+        }
+        kwargs["activation_checkpointing"] = False  # FSDP's own, without a second all-gather
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -267,6 +273,10 @@ def run_training(
         eval_loss = trainer.evaluate().get("eval_loss")
 
     exported: dict[str, Path] = {}
+    full_state = None
+    if completed and spec.parallel_config.strategy == "fsdp":
+        # sharded weights: every rank takes part in gathering them; rank 0 writes
+        full_state = trainer.accelerator.get_state_dict(trainer.model)
     if completed and trainer.is_world_process_zero():
         from kubetune_trainer.export import export_final
 
@@ -278,8 +288,9 @@ def run_training(
         if data.end_of_turn_token_ids:
             _add_eos_ids(final_model, data.end_of_turn_token_ids)
         exported = export_final(
-            final_model, tokenizer, spec, out_dir, plan=plan, precision=precision, model_dir=model_dir
-        )
+            final_model, tokenizer, spec, out_dir, plan=plan, precision=precision, model_dir=model_dir,
+            state_dict=full_state,
+        )  # fmt: skip
         log.info(
             "wrote %s",
             ", ".join(str(p) for p in [*exported.values(), reporter.plot_path, reporter.metrics_path]),
