@@ -376,3 +376,23 @@ def test_lora_on_the_output_head_is_refused_in_one_line(model_dir: Path, prefs: 
         JobError, match=r"target_modules: method dpo cannot train a LoRA adapter on the output head"
     ):
         run_training(job, workdir=tmp_path / "work")
+
+
+def test_qlora_dpo_trains_on_the_quantized_base(
+    model_dir: Path, prefs: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """QLoRA 4-bit: the reference is the frozen starting adapter on the one quantized base."""
+    from kubetune_trainer.train import run_training
+
+    job = make_job(
+        "qlora", model_dir, prefs, tmp_path / "out",
+        pet_config={"pet_type": "qlora", "quantization": {"bits": 4, "quant_type": "nf4"}},
+        training={"max_steps": 6},
+    )  # fmt: skip
+    result = run_training(job, workdir=tmp_path / "work")
+    logs = train_logs(result)
+    assert logs[0]["rewards/margins"] == 0 and logs[-1]["rewards/margins"] > 0.3
+    assert logs[-1]["rewards/accuracies"] >= 0.75
+    # a 4-bit layer repacked for inference would train through a kernel without autograd (ENVIRONMENT.md)
+    assert not [w for w in recwarn if "autograd kernel was not registered" in str(w.message)]
+    assert (result.exported["adapter"] / "adapter_model.safetensors").is_file()
