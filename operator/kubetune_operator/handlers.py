@@ -148,7 +148,11 @@ _stores: dict[tuple[str, str], Any] = {}
 
 
 def _store(spec: FineTuneJobSpec) -> Any:
-    """The job's output store (cached per URI and S3 settings); None where the operator cannot read it."""
+    """The job's output store (cached per URI and S3 settings); None where the operator cannot read it.
+
+    The operator reads with its own identity: boto3's chain (IRSA, environment) or a Secret mounted at
+    /var/run/secrets/kubetune/s3 (kubetune_trainer.store's default); it never reads the job's Secret.
+    """
     if parse_uri(spec.output.uri).scheme == "pvc":
         return None  # mounted in the trainer pods only
     from kubetune_trainer.store import open_store  # no torch; boto3 only for s3://
@@ -169,7 +173,7 @@ def read_progress(spec: FineTuneJobSpec) -> dict | None:
         return None if store is None else json.loads(store.get_bytes(PROGRESS_FILE))
     except ObjectNotFound:
         return None
-    except (StoreError, ValueError, OSError) as e:
+    except (StoreError, ValueError, OSError, ImportError) as e:  # ImportError: no boto3 in this image
         log.warning("cannot read %s of %s: %s", PROGRESS_FILE, spec.output.uri, e)
         return None
 
