@@ -512,6 +512,14 @@ CROSS_FIELD_RULES: list[Rule] = [
         lambda s: s.method != "sft" or s.dataset.format != "text",
     ),
     Rule(
+        "spec", "spec.model.adapter_uri",
+        "!has(self.model.adapter_uri) || !has(self.pet_config) || !has(self.pet_config.pet_type) "
+        "|| self.pet_config.pet_type in ['lora', 'qlora']",
+        "adapter_uri continues a LoRA adapter and needs pet_type lora or qlora; for full or freeze fine-tuning "
+        "use the SFT run's final/merged model as model.uri",
+        lambda s: s.model.adapter_uri is None or s.pet_config.pet_type in ("lora", "qlora"),
+    ),
+    Rule(
         "spec", "spec.parallel_config.strategy",
         "!has(self.parallel_config) || !has(self.parallel_config.strategy) || self.parallel_config.strategy != 'fsdp' "
         "|| !has(self.pet_config) || !has(self.pet_config.pet_type) || self.pet_config.pet_type != 'qlora'",
