@@ -124,7 +124,7 @@ def _probe_bitsandbytes(
 
     what = f"spec.pet_config.pet_type qlora ({desc})"
     bnb = _import_bitsandbytes(what)
-    device = precision.device_type
+    device = precision.device_type  # "cuda": the current GPU, which run_training made this rank's own
     try:
         if bits == 4:
             layer = bnb.nn.Linear4bit(

@@ -206,6 +206,7 @@ def run_training(
         # checkpoint-N dirs of an earlier run would mix into this run's rotation (save_total_limit)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
+    _use_own_gpu(dist)
     precision = model_loading.resolve_precision(spec.training.precision)
     plan = methods.plan_method(spec, precision)
     model_dir = model_loading.resolve_model_dir(
@@ -313,6 +314,14 @@ def run_training(
         exported=exported,
         log_history=list(state.log_history),
     )
+
+
+def _use_own_gpu(dist: DistEnv) -> None:
+    """Make cuda:LOCAL_RANK current before anything touches CUDA, so no rank opens a context on GPU 0."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
 
 
 def _last(history: list[dict], key: str) -> float | None:
