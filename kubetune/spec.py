@@ -576,6 +576,9 @@ class Progress(BaseModel):
     loss: float | None = Field(None, description="Latest training loss.")
     tokens_per_second: float | None = Field(None, description="Training throughput over the whole gang.")
     eta_seconds: float | None = Field(None, description="Estimated seconds to the end.")
+    rewards: dict[str, float] | None = Field(
+        None, description="method dpo: latest mean rewards (chosen, rejected, margins, accuracies)."
+    )
     state: str | None = Field(None, description="Trainer state: running, saving, done, failed.")
 
 

@@ -1,7 +1,8 @@
 """DPO and continued pre-training through the operator, like SFT (tests/test_operator_e2e.py):
 FineTuneJob -> operator -> pods running the real trainer (supervise -> torchrun) -> S3 (SeaweedFS).
 
-- dpo: one node, LoRA; the job Succeeds, the adapter lands in S3, progress.json carries the rewards.
+- dpo: one node, LoRA; the job Succeeds, the adapter lands in S3, progress.json and the status
+  progress carry the rewards.
 - pretrain (streaming, full fine-tuning): the pod is killed after a committed checkpoint; the gang
   restarts as attempt 2, resumes from that checkpoint and Succeeds with the model in S3.
 """
@@ -71,6 +72,7 @@ def test_dpo_job_succeeds_through_the_operator(
     assert status["phase"] == "Succeeded", (status, real_kubelet.log_of("dpo-a1-r0")[-3000:])
     assert status["attempt"] == 1 and status["output"] == s3.uri("jobs/dpo/final")
     assert status["progress"]["summary"] == "100% (12/12)"
+    assert set(status["progress"]["rewards"]) == {"chosen", "rejected", "margins", "accuracies"}, status
     progress = json.loads(s3.store("jobs/dpo").get_bytes("progress.json"))
     assert progress["state"] == "done" and progress["rewards"]["margins"] > 0, progress
     keys = s3.keys("jobs/dpo/final/adapter/")

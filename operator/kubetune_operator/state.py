@@ -462,7 +462,7 @@ def progress_status(doc: dict[str, Any] | None) -> dict[str, Any]:
         "summary": f"{percent}% ({step}/{total})" if total else f"step {step}",
         "epoch": float(doc.get("epoch") or 0.0), "loss": doc.get("loss"),
         "tokens_per_second": doc.get("tokens_per_second"), "eta_seconds": doc.get("eta_seconds"),
-        "state": doc.get("state"),
+        "rewards": doc.get("rewards"), "state": doc.get("state"),
     }  # fmt: skip
     out: dict[str, Any] = {"progress": {k: v for k, v in progress.items() if v is not None}}
     ckpt = doc.get("last_checkpoint")
