@@ -330,10 +330,7 @@ def _decide(o: Observed) -> Decision:
         return _next_attempt(o, phase, attempt, pods)
 
     # Pending or Running: judge the current attempt.
-    if stale:  # pods of other attempts (left over after an operator crash): they must go
-        deletes = _not_deleting(stale)
-    else:
-        deletes = []
+    deletes = _not_deleting(stale)  # pods of other attempts (left over after an operator crash) must go
     trouble = _trouble(o, current, phase)
     if trouble is not None:
         return _restart_or_fail(o, attempt, current, trouble, deletes)
