@@ -216,3 +216,50 @@ def test_streaming_resume_gives_the_same_losses(tiny_model_dirs: dict, corpus: d
     assert sorted(want) == list(range(1, 11)) and sorted(got) == sorted(want)
     for step in range(1, 11):  # 9 and 10 come after the resume
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
+def test_crafted_pair_second_document_cannot_see_the_first(tiny_model_dirs: dict, tmp_path: Path) -> None:
+    """Two documents whose second repeats the first: attending across the boundary would make the
+    repeat cheap to predict. Packed by the pretrain pipeline, document 2's summed token loss is exactly
+    its loss alone; with one running position sequence (a leak) it is not."""
+    import torch
+    import torch.nn.functional as F
+
+    from kubetune_trainer.datasets_build import build_datasets
+    from kubetune_trainer.model_loading import load_tokenizer
+
+    base_dir = tiny_model_dirs["qwen2"]
+    text = "The secret password is blue falcon seven. " * 3
+    pair = tmp_path / "pair.txt"
+    pair.write_text(f"{text}\n{text}\n", encoding="utf-8")
+    single = tmp_path / "single.txt"
+    single.write_text(f"{text}\n", encoding="utf-8")
+    tokenizer = load_tokenizer(make_job("t", base_dir, pair, tmp_path).spec, base_dir)
+
+    def batch(path: Path) -> dict:
+        data = build_datasets(
+            make_job("p", base_dir, path, tmp_path, training={"seq_length": 256}), tokenizer, 0
+        )
+        assert len(data.train_dataset) == 1
+        return data.data_collator([data.train_dataset[0]])
+
+    model = load(base_dir)
+    with torch.no_grad():  # sharpen the random model so that context matters a lot
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    packed, alone = batch(pair), batch(single)
+    n = alone["input_ids"].shape[1]
+    assert packed["input_ids"].shape[1] == 2 * n and packed["position_ids"][0, n] == 0
+    assert packed["input_ids"][0, n - 1] == tokenizer.eos_token_id
+
+    def doc2_loss(b: dict, positions: Any) -> Any:
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], position_ids=positions).logits[0]
+        per_token = F.cross_entropy(logits[:-1], b["labels"][0, 1:], ignore_index=-100, reduction="none")
+        return per_token[-(n - 1) :]
+
+    isolated = doc2_loss(packed, packed["position_ids"])
+    torch.testing.assert_close(isolated, doc2_loss(alone, alone["position_ids"]), atol=1e-4, rtol=1e-4)
+    leaky = doc2_loss(packed, torch.arange(2 * n)[None])
+    assert (leaky - isolated).abs().sum() > 1.0, "a leak must be visible in the loss"
