@@ -171,7 +171,7 @@ def test_deleting_the_job_mid_run_removes_everything(
         o["metadata"]["name"] for plural in ("pods", "services", "configmaps")
         for o in api.objects(__import__("kmock").resource("v1", plural), "default", "kubetune.io/job=gone")
     ]  # fmt: skip
-    wait_for(lambda: not leftovers() and not kubelet.running(), 30,
+    wait_for(lambda: not leftovers() and not kubelet.running(), 60,
              what=lambda: f"pods, service, config map gone: {leftovers()}, running {kubelet.running()}, "
              f"job {cluster.job('gone') and cluster.job('gone')['metadata']}")  # fmt: skip
     time.sleep(1.5)  # and the operator does not bring anything back
