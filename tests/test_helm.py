@@ -30,6 +30,7 @@ NAMESPACED = {
     "podAnnotations": {"example.com/team": "ml"},
     "priorityClassName": "system-cluster-critical",
     "env": [{"name": "EXTRA", "value": "1"}],
+    "s3": {"credentialsSecret": "operator-s3-read"},
 }
 VALUE_SETS = {"defaults": {}, "namespaced": NAMESPACED}
 # Kinds kubernetes-validate has no schema for (they are not built in): checked by hand below.
@@ -290,3 +291,17 @@ def test_rbac_and_service_account_can_be_left_out(chart):
     kinds = {o["kind"] for o in objs}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount"}
     assert one(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+
+
+def test_operator_reads_s3_with_its_own_secret_only_when_given(chart):
+    from kubetune.conventions import ENV_S3_CREDENTIALS_DIR, S3_CREDENTIALS_DIR
+
+    pod = one(render(chart, NAMESPACED), "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": ENV_S3_CREDENTIALS_DIR, "value": S3_CREDENTIALS_DIR} in container["env"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == S3_CREDENTIALS_DIR)
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "operator-s3-read"
+    default = one(render(chart), "Deployment")["spec"]["template"]["spec"]
+    assert all("secret" not in v for v in default["volumes"])
