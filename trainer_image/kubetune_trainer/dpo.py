@@ -20,11 +20,17 @@ differs, built here by :func:`build_dpo_trainer`:
   ``DPOTrainer`` is a transformers ``Trainer``, so saving, resuming and stopping work unchanged.
 
 TRL logs ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and ``rewards/accuracies``
-(and ``logps/*``) with every loss; they go to metrics.jsonl like every logged value. Dropout is
-off while training DPO (TRL's default), so the policy and its reference are scored alike.
+(and ``logps/*``) with every loss; they go to metrics.jsonl like every logged value, and the
+resilience callback puts them in progress.json (``rewards``). Dropout is off while training DPO
+(TRL's default), so the policy and its reference are scored alike.
 
-Before the export, :func:`without_reference_adapter` removes TRL's reference adapter so
-``final/adapter`` holds only the trained one.
+Checkpoints hold the reference adapter too (``ref/``, a few MB); a resumed run rebuilds it from the
+starting adapter, which is what it holds, so a resume is exact. Before the export,
+:func:`without_reference_adapter` removes it so ``final/adapter`` holds only the trained adapter.
+
+TRL behaviours worth knowing: a pair whose prompt alone fills ``seq_length`` is dropped
+(``DataStats.no_trainable`` counts them); replies that do not end with the tokenizer's EOS get it
+appended; on a quantized (QLoRA) base TRL keeps the trainable adapter in bf16.
 """
 
 from __future__ import annotations
@@ -74,11 +80,7 @@ def dpo_config(training_args: Any, spec: FineTuneJobSpec) -> Any:
     from transformers import TrainingArguments
     from trl import DPOConfig
 
-    values = {
-        f.name: getattr(training_args, f.name)
-        for f in dataclasses.fields(TrainingArguments)
-        if f.init and hasattr(training_args, f.name)
-    }
+    values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     return DPOConfig(**values, **dpo_fields(spec))
 
 
