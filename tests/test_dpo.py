@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,7 @@ def test_lora_dpo_raises_margin_and_accuracy_reference_frozen_and_single_copy(
     model_bytes = sum(p.numel() * 4 for n, p in b["params"].items() if "lora_" not in n)
     assert b["models"] == 1
     assert b["bytes"] - before < 1.3 * model_bytes, (b["bytes"] - before, model_bytes)
+    print(f"lora dpo: {b['bytes'] - before:,} tensor bytes alive, model {model_bytes:,}", file=sys.__stdout__)
 
     # the export holds the trained adapter only
     adapter = result.exported["adapter"]
@@ -289,6 +291,7 @@ def test_full_dpo_reference_is_a_frozen_second_copy(model_dir: Path, prefs: Path
     assert not e["ref_in_optimizer"]
     model_bytes = sum(p.numel() * 4 for p in b["params"].values())
     two_copies = b["bytes"] - before
+    print(f"full dpo: {two_copies:,} tensor bytes alive, model {model_bytes:,}", file=sys.__stdout__)
     assert two_copies > 1.9 * model_bytes, (two_copies, model_bytes)  # what the LoRA run stays under 1.3x of
     assert (result.exported["merged"] / "model.safetensors").is_file()
 
