@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -399,3 +400,35 @@ def test_qlora_dpo_trains_on_the_quantized_base(
     # a 4-bit layer repacked for inference would train through a kernel without autograd (ENVIRONMENT.md)
     assert not [w for w in recwarn if "autograd kernel was not registered" in str(w.message)]
     assert (result.exported["adapter"] / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_full_dpo_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    """kubetune run: 2 torchrun processes (gloo), the policy sharded by FSDP, the frozen reference too."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from kubetune_trainer.reporting import read_metrics
+
+    job = make_job(
+        "fsdp", model_dir, prefs, tmp_path / "out", pet_config={"pet_type": "full"},
+        parallel_config={"strategy": "fsdp", "nproc_per_node": 2},
+        training={"max_steps": 6, "learning_rate": 2e-4, "per_device_train_batch_size": 2},
+    )  # fmt: skip
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json", exclude_none=True)))
+    env = {**os.environ, "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "kubetune", "run", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "on 2 processes" in p.stderr and "a frozen copy of" in p.stderr
+    logs = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(logs) == 6 and logs[0]["rewards/margins"] == 0 and logs[-1]["rewards/margins"] > 0.2
+    assert (tmp_path / "out" / "final" / "merged" / "model.safetensors").is_file()
