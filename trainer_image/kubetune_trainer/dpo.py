@@ -114,6 +114,10 @@ def build_dpo_trainer(
         raise JobError(f"the DPO trainer needs preference data, got data built for method {data.method}")
     if data.streaming:
         raise JobError("dataset.streaming is not supported with method dpo")
+    if spec.training.packing:
+        log.warning(
+            "training.packing is not used by method dpo: every pair is scored on its own, padded per batch"
+        )
     if plan.uses_adapter:
         _check_no_adapter_on_output_head(model, spec)
     ref_model = None
