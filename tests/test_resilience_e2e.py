@@ -282,6 +282,9 @@ def test_kill_9_one_rank_then_relaunch_resumes_exactly(env):
     assert resumed is not None and resumed["step"] >= 8, tail(p2)
     assert f"resuming from {resumed['uri']}" in tail(p2, 400)
     assert_same_run(env, "kill", "ref", resumed["step"])
+    # the relaunch (a new pod) continued the job's metrics.jsonl from the store: one line per step
+    rows = [json.loads(x) for x in env.store("jobs/kill").get_bytes("metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, MAX_STEPS + 1))
 
 
 def test_kill_9_one_rank_torchrun_restarts_it_in_the_pod(env):
