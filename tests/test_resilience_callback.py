@@ -191,3 +191,48 @@ def test_bad_credentials_fail_at_start_naming_bucket_and_endpoint(single_process
             pass
     assert "access denied" in str(e.value) and s3.bucket in str(e.value) and s3.endpoint in str(e.value)
     assert "wrong-secret-value" not in str(e.value)
+
+
+def test_unreachable_store_at_resume_fails_the_attempt_instead_of_falling_back(
+    single_process, tmp_path, monkeypatch
+):
+    from kubetune_trainer import resilience
+    from kubetune_trainer.store import StoreError, TransientStoreError
+
+    job = make_job(str(tmp_path / "out"))
+    store = open_store(str(tmp_path / "out" / "checkpoints"))
+    for step in (10, 20):
+        d = tmp_path / f"c{step}"
+        d.mkdir()
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        ck.commit(store, d, step=step, world_size=1, spec_hash=job.spec.training_hash())
+
+    def unreachable(store, c, root, **kw):
+        raise TransientStoreError(f"{c.uri}: cannot reach the store")
+
+    monkeypatch.setattr(resilience.ck, "download", unreachable)
+    with pytest.raises(StoreError, match="could not download checkpoint .*step-00000020"):
+        with Resilience(job, workdir=tmp_path / "work"):
+            pass
+
+
+def test_a_failing_upload_is_reported_in_progress_and_training_goes_on(single_process, tmp_path, monkeypatch):
+    from kubetune_trainer.store import LocalStore, StoreError
+
+    job = make_job(str(tmp_path / "out"))
+    loop = Loop(tmp_path, max_steps=3)
+
+    def denied(self, local, key):
+        raise StoreError(f"upload to {key}: access denied")
+
+    with Resilience(job, workdir=tmp_path / "work") as res:
+        (cb,) = res.callbacks()
+        cb.on_train_begin(loop.args, loop.state, loop.control)
+        monkeypatch.setattr(LocalStore, "put_file", denied)
+        loop.step(cb)
+        loop.save(cb)
+        assert res.uploader.wait_idle(10)
+        loop.step(cb)  # training is not stopped by it
+        res.progress.flush(5)
+        p = json.loads((tmp_path / "out" / "progress.json").read_text())
+        assert "access denied" in p["checkpoint_error"] and p["state"] == "running"

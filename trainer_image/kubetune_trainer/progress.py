@@ -10,6 +10,7 @@ The document (all keys always present, null when unknown, but `rewards`: method 
      "tokens_per_second": 5120.0, "eta_seconds": 310.0,
      "rewards": {"chosen": 0.4, "rejected": -0.9, "margins": 1.3, "accuracies": 0.95},
      "last_checkpoint": {"uri": "s3://b/jobs/demo/checkpoints/step-00000100", "step": 100},
+     "checkpoint_error": null,                             # why the last upload failed for good
      "resumed_from": {"uri": ..., "step": 50} | null,
      "world_size": 4, "started_at": "...Z", "updated_at": "...Z"}
 """
@@ -52,6 +53,7 @@ def empty_progress(job: str = "", attempt: int = 0, world_size: int = 1) -> dict
         "tokens_per_second": None,
         "eta_seconds": None,
         "last_checkpoint": None,
+        "checkpoint_error": None,
         "resumed_from": None,
         "world_size": world_size,
         "started_at": _now(),
@@ -212,6 +214,8 @@ def format_progress(p: dict[str, Any], uri: str = "") -> str:
     lines.append(
         f"  last checkpoint: {ck['uri']} (step {ck['step']})" if ck else "  last checkpoint: none yet"
     )
+    if p.get("checkpoint_error"):
+        lines.append(f"  checkpoint upload failing: {p['checkpoint_error']}")
     if p.get("resumed_from"):
         lines.append(f"  resumed from: {p['resumed_from']['uri']} (step {p['resumed_from']['step']})")
     updated = p.get("updated_at")

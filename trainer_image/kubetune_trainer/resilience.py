@@ -234,6 +234,7 @@ class Resilience:
                     "method": spec.method,
                 },
                 on_commit=self._on_commit,
+                on_state=self._on_upload_state,
             )
 
     def callbacks(self) -> list[TrainerCallback]:
@@ -274,15 +275,25 @@ class Resilience:
         local_root = self.workdir / "resume"
         for step, name, uri, manifest_json in listing["candidates"]:
             c = ck.Checkpoint(step, name, uri, ck.Manifest.from_json(manifest_json))
-            failed = 0.0
+            corrupt, unreachable = 0.0, 0.0
             if g.local_rank == 0:
                 try:
                     ck.download(store, c, local_root)
-                except (ck.CorruptCheckpoint, StoreError) as e:
+                except ck.CorruptCheckpoint as e:
                     log.warning("node %d: cannot use %s: %s", g.node_rank, c.uri, e)
-                    failed = 1.0
+                    corrupt = 1.0
+                except StoreError as e:
+                    log.error("node %d: cannot download %s: %s", g.node_rank, c.uri, e)
+                    unreachable = 1.0
             # also the barrier: the node's other ranks wait here until local rank 0 has it
-            if g.max([failed])[0] == 0.0:
+            corrupt, unreachable = g.max([corrupt, unreachable])
+            if unreachable:
+                # not the checkpoint's fault: falling back to an older one (or to step 0) would
+                # throw work away, so this attempt fails and the next one tries again
+                raise StoreError(
+                    f"could not download checkpoint {c.uri}; the job resumes from it once the store answers"
+                )
+            if not corrupt:
                 chosen = c
                 break
             if g.is_main:
@@ -319,9 +330,16 @@ class Resilience:
         except StoreError as e:
             log.warning("could not fetch %s: %s", self.out_store.uri_for(METRICS_FILE), e)
 
+    def _on_upload_state(self, what: str, step: int) -> None:
+        if what == "failed" and self.progress is not None and self.uploader is not None:
+            # training goes on; the operator and `kubetune status` show why checkpoints stopped coming
+            self.progress.update(checkpoint_error=self.uploader.last_error, flush=True)
+
     def _on_commit(self, c: ck.Checkpoint) -> None:
         if self.progress is not None:
-            self.progress.update(last_checkpoint={"uri": c.uri, "step": c.step}, flush=True)
+            self.progress.update(
+                last_checkpoint={"uri": c.uri, "step": c.step}, checkpoint_error=None, flush=True
+            )
         # keep the store's metrics.jsonl as far as the newest checkpoint (s3:// outputs)
         if self.out_store is not None and local_path_for(self.spec.output.uri) is None:
             local = self.output_dir / METRICS_FILE
