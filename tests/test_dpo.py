@@ -432,3 +432,38 @@ def test_full_dpo_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_p
     logs = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert len(logs) == 6 and logs[0]["rewards/margins"] == 0 and logs[-1]["rewards/margins"] > 0.2
     assert (tmp_path / "out" / "final" / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("layout", ["sharegpt", "messages-template"])
+def test_conversation_preference_data_trains(model_dir: Path, tmp_path: Path, layout: str) -> None:
+    """Conversations with chosen/rejected final turns, rendered with ChatML or the tokenizer's own
+    template plus a system prompt, go through TRL like prompt/chosen/rejected columns."""
+    from kubetune_trainer.train import run_training
+
+    rows = []
+    for r in (
+        json.loads(line) for line in write_preferences(tmp_path / "p.jsonl", 16).read_text().splitlines()
+    ):
+        if layout == "sharegpt":
+            rows.append(
+                {
+                    "conversations": [{"from": "human", "value": r["prompt"]}],
+                    "chosen": {"from": "gpt", "value": r["chosen"]},
+                    "rejected": {"from": "gpt", "value": r["rejected"]},
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "messages": [{"role": "user", "content": r["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": r["rejected"]}],
+                }
+            )
+    data = tmp_path / "conv.json"
+    data.write_text(json.dumps(rows))
+    dataset = {"apply_chat_template": True, "system_prompt": "Be kind."} if layout != "sharegpt" else {}
+    job = make_job(layout, model_dir, data, tmp_path / "out", dataset=dataset, training={"max_steps": 4})
+    result = run_training(job, workdir=tmp_path / "work")
+    logs = train_logs(result)
+    assert result.completed and logs[0]["rewards/margins"] == 0 and logs[-1]["rewards/margins"] > 0.2
