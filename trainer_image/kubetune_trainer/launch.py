@@ -87,7 +87,7 @@ def run_local(
             "--max-restarts=0", "-m", "kubetune_trainer", "--config", str(config),
         ]  # fmt: skip
         env = dict(os.environ)
-        if nproc > 1 and device == "cpu" and "OMP_NUM_THREADS" not in env:
+        if device == "cpu" and "OMP_NUM_THREADS" not in env:  # else accelerate warns and picks its own
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
         proc = subprocess.Popen(cmd, env=env)
         try:
