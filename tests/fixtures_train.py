@@ -39,6 +39,11 @@ METHOD_CASES: dict[str, dict[str, Any]] = {
         "target_modules": "all-linear",
         "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
     },
+    "qlora-4bit-fp4": {
+        "pet_type": "qlora",
+        "target_modules": ".*q_proj|.*v_proj",
+        "quantization": {"bits": 4, "quant_type": "fp4", "double_quant": False},
+    },
     "qlora-8bit": {"pet_type": "qlora", "target_modules": "all-linear", "quantization": {"bits": 8}},
 }
 _LR = {"full": 3e-3, "freeze": 3e-3}
