@@ -173,7 +173,12 @@ class Resilience:
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> Resilience:
-        self.start()
+        try:
+            self.start()
+        except BaseException as e:
+            # e.g. a refused spec change: progress.json says why, the SIGTERM handler is put back
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:

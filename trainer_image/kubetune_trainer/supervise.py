@@ -9,6 +9,7 @@ committing a checkpoint (workers exit 75) leaves torchrun with its own failure c
 - gives torchrun time to let its workers save: sets TORCH_ELASTIC_SHUTDOWN_TIMEOUT (how long
   torchrun waits for workers after forwarding SIGTERM before SIGKILL) to the job's
   checkpoint.sigterm_grace_seconds + 10 unless already set;
+- makes in-pod worker restarts reliable: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 unless set (see main);
 - reaps orphans (it may run as PID 1);
 - exits 0 when the child did, EXIT_PREEMPTED (75, "preempted, resumable") when the child failed
   but the marker is there, else the child's status (128 + N for a signal N).
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env[ENV_PREEMPT_MARKER] = str(marker)
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(_grace_seconds(args) + 10))
+    # Workers restarted by torchrun --max-restarts often failed to connect gloo ("connectFullMesh
+    # failed ... Connection refused": stale addresses in the rendezvous store the agent shares with
+    # its workers) and could then hang; with a fresh store per worker group (hosted by rank 0 at
+    # MASTER_ADDR = its pod FQDN, a free port) restarts connected every time in our tests.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
     child = subprocess.Popen(args, env=env)
     got: list[int] = []
