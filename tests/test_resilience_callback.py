@@ -76,7 +76,7 @@ def single_process(monkeypatch, tmp_path):
 
 
 def test_saves_are_committed_in_the_background_and_progress_follows(single_process, tmp_path):
-    job = make_job(str(tmp_path / "out"), every_minutes=0.01)  # a timed save every 0.6 s
+    job = make_job(str(tmp_path / "out"), every_minutes=0.04)  # a timed save every 2.4 s
     loop = Loop(tmp_path, max_steps=5)
     with Resilience(job, workdir=tmp_path / "work") as res:
         assert res.resume_from is None
@@ -84,7 +84,7 @@ def test_saves_are_committed_in_the_background_and_progress_follows(single_proce
         cb.on_train_begin(loop.args, loop.state, loop.control)
         loop.step(cb)
         assert not loop.control.should_save
-        time.sleep(0.7)
+        time.sleep(2.5)
         loop.step(cb)
         assert loop.control.should_save  # every_minutes elapsed
         loop.save(cb)
