@@ -88,6 +88,7 @@ def test_saves_are_committed_in_the_background_and_progress_follows(single_proce
         loop.step(cb)
         assert loop.control.should_save  # every_minutes elapsed
         loop.save(cb)
+        assert res.uploader.wait_for_step(2, 30)  # (a newer save would supersede it while still queued)
         loop.step(cb)
         assert not loop.control.should_save
         loop.state.global_step = 4
