@@ -257,7 +257,12 @@ class Kubelet:
                 *container.get("command", []),
                 *container.get("args", []),
             ]
-            argv = [_expand(self._rewrite(a, mounts), env) for a in argv]
+            # An absolute path that exists here is the host's (the interpreter, a test script), even
+            # when it lies under a pod mount path such as /tmp (CI may clone the project there).
+            argv = [
+                a if a.startswith("/") and Path(a).exists() else _expand(self._rewrite(a, mounts), env)
+                for a in argv
+            ]
             cwd = self._rewrite(container.get("workingDir") or "", mounts) or str(base)
             Path(cwd).mkdir(parents=True, exist_ok=True)
             with open(run.log, "wb") as log:
