@@ -527,6 +527,12 @@ CROSS_FIELD_RULES: list[Rule] = [
         lambda s: s.parallel_config.strategy != "fsdp" or s.pet_config.pet_type != "qlora",
     ),
     Rule(
+        "spec", "spec.dataset.streaming",
+        "!self.dataset.streaming || self.method == 'pretrain'",
+        "dataset.streaming is supported for method pretrain only",
+        lambda s: not s.dataset.streaming or s.method == "pretrain",
+    ),
+    Rule(
         "spec", "spec.training.max_steps",
         "!self.dataset.streaming || has(self.training.max_steps)",
         "dataset.streaming needs training.max_steps (a stream has no known length)",

@@ -120,6 +120,7 @@ BAD_COMBINATIONS = [
     ("adapter-with-full", {"model": {"uri": "s3://models/qwen", "adapter_uri": "s3://runs/sft/final/adapter"}, "pet_config": {"pet_type": "full"}}, "spec.model.adapter_uri", "needs pet_type lora or qlora"),
     ("fsdp-with-qlora", {"pet_config": {"pet_type": "qlora", "quantization": {"bits": 4}}, "parallel_config": {"strategy": "fsdp"}}, "spec.parallel_config.strategy", "not supported with qlora"),
     ("streaming-without-max-steps", {"method": "pretrain", "dataset": {"uri": "s3://data/c4.jsonl", "streaming": True}}, "spec.training.max_steps", "needs training.max_steps"),
+    ("streaming-with-sft", {"dataset": {"uri": "s3://data/a.json", "streaming": True}, "training": {"max_steps": 10}}, "spec.dataset.streaming", "pretrain only"),
     ("backoff-bounds", {"restart_policy": {"backoff_seconds": 600, "max_backoff_seconds": 60}}, "spec.restart_policy.max_backoff_seconds", ">= backoff_seconds"),
 ]  # fmt: skip
 

@@ -453,12 +453,7 @@ def build_datasets(job: Any, tokenizer: Any, seed: int) -> BuiltData:
     stats = DataStats()
 
     if ds.streaming:
-        if method != "pretrain":
-            raise DataError(f"dataset.streaming is supported for method pretrain only, not {method}")
-        if training.max_steps is None:
-            raise DataError(
-                "dataset.streaming needs training.max_steps: the length of a stream is not known up front"
-            )
+        # The spec's rules guarantee method pretrain and training.max_steps here.
         mix = []
         for src in ds.mix:
             reader = _Reader(src.uri, _mix_format(src), Columns.from_spec(src.columns), method, s3, bad)

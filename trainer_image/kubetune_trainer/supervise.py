@@ -57,10 +57,14 @@ def exit_status(returncode: int, preempted: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m kubetune_trainer.supervise -- torchrun ARGS..."
+    if args[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__.splitlines()[2]}")
+        return 0
     if "--" in args:
         args = args[args.index("--") + 1 :]
     if not args:
-        print("usage: python -m kubetune_trainer.supervise -- torchrun ARGS...", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     marker_dir = Path(tempfile.mkdtemp(prefix="kubetune-supervise-"))
     marker = marker_dir / "preempted"
