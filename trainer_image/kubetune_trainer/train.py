@@ -165,8 +165,10 @@ def training_arguments(
         log_level="warning",
         log_level_replica="error",
     )
-    if spec.parallel_config.strategy == "fsdp":
-        # FSDP2, one layer per shard unit (the model's _no_split_modules); checkpoints hold full state
+    if spec.parallel_config.strategy == "fsdp" and precision.device_type != "cpu":
+        # FSDP2, one layer per shard unit (the model's _no_split_modules); checkpoints hold full state.
+        # Not on CPU: accelerate shards only on accelerators and would ignore the plugin there (the gang
+        # runs DDP), and fsdp_config's activation checkpointing would then silently be off.
         kwargs["fsdp"] = True
         kwargs["fsdp_config"] = {
             "version": 2,
@@ -236,6 +238,12 @@ def run_training(
             precision.name, precision.device_type, dist.world_size,
         )  # fmt: skip
         log.info("data: %s", data.stats.summary())
+        if spec.parallel_config.strategy == "fsdp" and precision.device_type == "cpu" and dist.world_size > 1:
+            log.warning(
+                "parallel_config.strategy fsdp: accelerate shards only on GPUs/accelerators; on CPU each of "
+                "the %d processes holds the whole model and optimizer (DDP) and checkpoints hold full state",
+                dist.world_size,
+            )
 
     args = training_arguments(
         spec, ckpt_dir, precision=precision, has_eval=data.eval_dataset is not None, max_steps=max_steps
