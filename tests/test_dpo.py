@@ -404,7 +404,8 @@ def test_qlora_dpo_trains_on_the_quantized_base(
 
 @pytest.mark.slow
 def test_full_dpo_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
-    """kubetune run: 2 torchrun processes (gloo), the policy sharded by FSDP, the frozen reference too."""
+    """kubetune run: 2 torchrun processes (gloo) with strategy fsdp (on CPU accelerate runs it as DDP
+    replicas; on GPUs the policy and the frozen reference are sharded)."""
     import subprocess
     import sys
 

@@ -354,7 +354,7 @@ def candidates(
         if world_size is not None and saved_ws != world_size:
             if ckpt.manifest.extra.get("strategy", strategy) == "fsdp" or strategy == "fsdp":
                 raise CheckpointError(
-                    f"checkpoint {ckpt.uri} holds FSDP shards for world size {saved_ws}, and this run has "
+                    f"checkpoint {ckpt.uri} was written by an FSDP gang of world size {saved_ws}, and this run has "
                     f"{world_size} processes: resume with nnodes x nproc_per_node = {saved_ws}, or start over"
                 )
             log.warning(
