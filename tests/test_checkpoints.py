@@ -134,7 +134,7 @@ def test_world_size_change(ckstore, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [c.step for c in ck.candidates(ckstore, spec_hash=HASH, world_size=4)] == [10]
     assert "written by 2 processes and this run has 4" in caplog.text
-    with pytest.raises(ck.CheckpointError, match="FSDP shards for world size 2"):
+    with pytest.raises(ck.CheckpointError, match="FSDP gang of world size 2"):
         ck.candidates(ckstore, spec_hash=HASH, world_size=4, strategy="fsdp")
 
 
