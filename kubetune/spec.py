@@ -262,7 +262,8 @@ class ParallelConfig(_Model):
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
-        description="ddp: replicate the model; fsdp: shard weights, gradients and optimizer (full fine-tuning).",
+        description="ddp: replicate the model; fsdp: shard weights, gradients and optimizer across GPUs "
+        "(full fine-tuning; on CPU it runs as ddp).",
     )
     max_worker_restarts: int = Field(
         1,
