@@ -404,8 +404,8 @@ def test_qlora_dpo_trains_on_the_quantized_base(
 
 @pytest.mark.slow
 def test_full_dpo_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
-    """kubetune run: 2 torchrun processes (gloo) with strategy fsdp (on CPU accelerate runs it as DDP
-    replicas; on GPUs the policy and the frozen reference are sharded)."""
+    """kubetune run: 2 torchrun processes (gloo) with strategy fsdp: the policy is sharded (FSDP2 on CPU)
+    and the final export gathers it back into one full model."""
     import subprocess
     import sys
 
@@ -430,6 +430,7 @@ def test_full_dpo_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_p
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "on 2 processes" in p.stderr and "a frozen copy of" in p.stderr
+    assert "sharded over 2 processes (FSDP2 on cpu)" in p.stderr
     logs = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert len(logs) == 6 and logs[0]["rewards/margins"] == 0 and logs[-1]["rewards/margins"] > 0.2
     assert (tmp_path / "out" / "final" / "merged" / "model.safetensors").is_file()

@@ -3,20 +3,14 @@
 Same harness as tests/test_resilience_e2e.py: the real pod command (supervise -> torchrun, 2 gloo
 processes), checkpoints in SeaweedFS, a relaunch with a fresh cache so it can only resume from S3.
 
-What is true on CPU (this machine): accelerate builds FSDP only on GPUs/accelerators
-(AcceleratorState turns the plugin on for MULTI_GPU-like types, never MULTI_CPU), so a
-`strategy: fsdp` gang on CPU trains as DDP, each rank holding the whole model; train.py says so in a
-warning and leaves FSDP out of the TrainingArguments there. The checkpoint is then the Trainer's
-plain layout written by rank 0: ONE full model.safetensors and ONE full optimizer.pt (every
-parameter's Adam moments at full shape), scheduler, trainer_state, and every rank's
-rng_state_<rank>.pth (gathered by resilience.py). There are no per-rank shard files
-(pytorch_model_fsdp_0/, optimizer_0/, *.distcp) to collect; the test asserts exactly this layout, so
-a change to sharded saving shows up here and must add those files to the committed checkpoint.
+The gang really shards (FSDP2 over gloo, see kubetune_trainer/fsdp.py): each committed checkpoint
+is torch.distributed.checkpoint's sharded layout, one weight shard and one optimizer shard per rank
+plus the .metadata that maps them, and nobody wrote a full model.safetensors or optimizer.pt.
+The resumed run must load those shards and continue exactly.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -85,28 +79,43 @@ def final_weights(env: Env, name: str) -> dict[str, Any]:
     return load(env.store(f"jobs/{name}").get_bytes("final/merged/model.safetensors"))
 
 
-def assert_full_state_checkpoint(env: Env, name: str, base_model: Path) -> None:
-    """The committed checkpoint is one full model and optimizer state, with both ranks' RNG."""
+def assert_sharded_checkpoint(env: Env, name: str, base_model: Path, tmp: Path) -> dict[str, Any]:
+    """The committed checkpoint holds each rank's shard of the weights and optimizer state (halves that
+    together make the full state, and no full copy), both ranks' RNG; returns the weights it restores."""
     import torch
-    from safetensors.torch import load, load_file
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from kubetune_trainer.fsdp import MODEL_DIR, OPTIMIZER_DIR
 
     store, last = latest(env, name)
     m = last.manifest
     assert m.world_size == 2 and m.extra["strategy"] == "fsdp" and m.extra["pet_type"] == "full"
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(m.files)
+    shards = {
+        f"{d}/{f}" for d in (MODEL_DIR, OPTIMIZER_DIR) for f in ("__0_0.distcp", "__1_0.distcp", ".metadata")
+    }
+    assert shards <= set(m.files), sorted(m.files)
+    assert {"scheduler.pt", "trainer_state.json"} <= set(m.files)
     assert {f for f in m.files if f.startswith("rng_state_")} == {"rng_state_0.pth", "rng_state_1.pth"}
-    # no sharded layout (torch.distributed.checkpoint *.distcp / pytorch_model_fsdp_0/ / optimizer_0/)
-    assert not [f for f in m.files if "/" in f or f.endswith(".distcp") or "fsdp" in f], sorted(m.files)
-
-    args = torch.load(io.BytesIO(store.get_bytes(f"{last.name}/training_args.bin")), weights_only=False)
-    assert not args.fsdp and args.use_cpu  # on CPU the gang trains as DDP (module docstring)
+    assert not {"model.safetensors", "optimizer.pt", "pytorch_model.bin"} & set(m.files), sorted(m.files)
 
     base = load_file(str(next(base_model.glob("*.safetensors"))))
-    weights = load(store.get_bytes(f"{last.name}/model.safetensors"))
-    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in base.items()}
-    opt = torch.load(io.BytesIO(store.get_bytes(f"{last.name}/optimizer.pt")), weights_only=False)
-    moments = sorted(tuple(s["exp_avg"].shape) for s in opt["state"].values())
-    assert moments == sorted(tuple(v.shape) for v in base.values())  # full shapes, not halves
+    full_bytes = sum(v.numel() * v.element_size() for v in base.values())
+    w0, w1 = (m.files[f"{MODEL_DIR}/__{r}_0.distcp"]["size"] for r in (0, 1))
+    # each rank stores about half of the weights, not a copy of all of them
+    assert 0.35 * full_bytes < w0 < 0.75 * full_bytes and 0.35 * full_bytes < w1 < 0.75 * full_bytes, (
+        w0, w1, full_bytes,
+    )  # fmt: skip
+
+    # the shards put back together are a full model of the base's shapes
+    local = tmp / "ckpt"
+    for rel in m.files:
+        store.get_file(f"{last.name}/{rel}", local / rel)
+    dcp_to_torch_save(local / MODEL_DIR, local / "full.pt")
+    restored = torch.load(local / "full.pt", weights_only=True)
+    restored = restored.get("model", restored)
+    assert {k: v.shape for k, v in restored.items() if k in base} == {k: v.shape for k, v in base.items()}
+    return restored
 
 
 def test_fsdp_full_finetune_kill_9_then_relaunch_resumes_exactly(s3_server, fsdp_model, tmp_path):
@@ -114,9 +123,9 @@ def test_fsdp_full_finetune_kill_9_then_relaunch_resumes_exactly(s3_server, fsdp
     ref = Env(s3_server, bucket, tmp_path / "ref", fsdp_model)
     ref.tmp.mkdir()
     p = relaunch_until_done(ref, fsdp_job(ref, "fsdp-ref"), delay=0)
-    assert "strategy fsdp: accelerate shards only on GPUs" in tail(p, 400)
+    assert "sharded over 2 processes (FSDP2 on cpu)" in tail(p, 400)
     assert progress(ref, "fsdp-ref")["resumed_from"] is None
-    assert_full_state_checkpoint(ref, "fsdp-ref", fsdp_model)
+    assert_sharded_checkpoint(ref, "fsdp-ref", fsdp_model, tmp_path / "ref-ckpt")
 
     env = Env(s3_server, bucket, tmp_path / "kill", fsdp_model)
     env.tmp.mkdir()
@@ -133,7 +142,7 @@ def test_fsdp_full_finetune_kill_9_then_relaunch_resumes_exactly(s3_server, fsdp
     resumed = progress(env, "fsdp-kill")["resumed_from"]
     assert resumed is not None and 2 <= resumed["step"] < STEPS, tail(p2)
     assert f"resuming from {resumed['uri']}" in tail(p2, 400)
-    assert_full_state_checkpoint(env, "fsdp-kill", fsdp_model)
+    restored = assert_sharded_checkpoint(env, "fsdp-kill", fsdp_model, tmp_path / "kill-ckpt")
 
     got, want = losses(env, "fsdp-kill"), losses(ref, "fsdp-ref")
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
@@ -145,3 +154,7 @@ def test_fsdp_full_finetune_kill_9_then_relaunch_resumes_exactly(s3_server, fsdp
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=REL_TOL, atol=1e-6), k
+    # the last checkpoint (step STEPS) is the exported model, shard for shard
+    assert a.keys() <= restored.keys()
+    for k in a:
+        assert torch.equal(restored[k], a[k]), k

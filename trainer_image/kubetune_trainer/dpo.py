@@ -109,6 +109,8 @@ def build_dpo_trainer(
     """
     from trl import DPOTrainer
 
+    from kubetune_trainer.fsdp import sharded
+
     _quiet_dataset_bars()
     if data.method != "dpo":
         raise JobError(f"the DPO trainer needs preference data, got data built for method {data.method}")
@@ -125,7 +127,7 @@ def build_dpo_trainer(
         if load_reference is None:
             raise JobError(f"method dpo with pet_type {plan.pet_type} needs a reference model loader")
         ref_model = freeze_reference(load_reference())
-    trainer = DPOTrainer(
+    trainer = sharded(DPOTrainer)(
         model=model,
         ref_model=ref_model,
         args=dpo_config(args, spec),

@@ -165,16 +165,12 @@ def training_arguments(
         log_level="warning",
         log_level_replica="error",
     )
-    if spec.parallel_config.strategy == "fsdp" and precision.device_type != "cpu":
-        # FSDP2, one layer per shard unit (the model's _no_split_modules); checkpoints hold full state.
-        # Not on CPU: accelerate shards only on accelerators and would ignore the plugin there (the gang
-        # runs DDP), and fsdp_config's activation checkpointing would then silently be off.
+    if spec.parallel_config.strategy == "fsdp":
+        # FSDP2 with sharded checkpoints, on GPUs and CPU gangs alike (see fsdp.py)
+        from kubetune_trainer.fsdp import fsdp_config
+
         kwargs["fsdp"] = True
-        kwargs["fsdp_config"] = {
-            "version": 2,
-            "state_dict_type": "FULL_STATE_DICT",
-            "activation_checkpointing": t.gradient_checkpointing,
-        }
+        kwargs["fsdp_config"] = fsdp_config(activation_checkpointing=t.gradient_checkpointing)
         kwargs["activation_checkpointing"] = False  # FSDP's own, without a second all-gather
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -238,12 +234,6 @@ def run_training(
             precision.name, precision.device_type, dist.world_size,
         )  # fmt: skip
         log.info("data: %s", data.stats.summary())
-        if spec.parallel_config.strategy == "fsdp" and precision.device_type == "cpu" and dist.world_size > 1:
-            log.warning(
-                "parallel_config.strategy fsdp: accelerate shards only on GPUs/accelerators; on CPU each of "
-                "the %d processes holds the whole model and optimizer (DDP) and checkpoints hold full state",
-                dist.world_size,
-            )
 
     args = training_arguments(
         spec, ckpt_dir, precision=precision, has_eval=data.eval_dataset is not None, max_steps=max_steps
@@ -258,7 +248,9 @@ def run_training(
             load_reference=lambda: model_loading.load_model(model_dir, spec, precision),
         )  # fmt: skip
     else:
-        trainer = Trainer(
+        from kubetune_trainer.fsdp import sharded
+
+        trainer = sharded(Trainer)(
             model=model,
             args=args,
             train_dataset=data.train_dataset,
@@ -269,6 +261,12 @@ def run_training(
         )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    if trainer.is_fsdp_enabled and dist.is_main:
+        log.info(
+            "strategy fsdp: weights, gradients and optimizer state sharded over %d processes (FSDP2 on %s); "
+            "checkpoints are sharded",
+            dist.world_size, precision.device_type,
+        )  # fmt: skip
 
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
