@@ -22,6 +22,7 @@ import yaml
 
 from kubetune.conventions import EXIT_PREEMPTED
 from kubetune_trainer import checkpoints as ck
+from tests.fixtures_s3 import free_port
 from tests.test_resilience_e2e import (
     REL_TOL,
     Env,
@@ -118,17 +119,43 @@ def assert_sharded_checkpoint(env: Env, name: str, base_model: Path, tmp: Path) 
     return restored
 
 
-def test_fsdp_full_finetune_kill_9_then_relaunch_resumes_exactly(s3_server, fsdp_model, tmp_path):
-    bucket = s3_server.new_bucket()
-    ref = Env(s3_server, bucket, tmp_path / "ref", fsdp_model)
-    ref.tmp.mkdir()
+@pytest.fixture(scope="module")
+def fsdp_ref(s3_server, fsdp_model, tmp_path_factory) -> Env:
+    """One uninterrupted 2-process FSDP run: what every resumed run must reproduce."""
+    ref = Env(s3_server, s3_server.new_bucket(), tmp_path_factory.mktemp("fsdp-ref"), fsdp_model)
     p = relaunch_until_done(ref, fsdp_job(ref, "fsdp-ref"), delay=0)
     assert "sharded over 2 processes (FSDP2 on cpu)" in tail(p, 400)
     assert progress(ref, "fsdp-ref")["resumed_from"] is None
-    assert_sharded_checkpoint(ref, "fsdp-ref", fsdp_model, tmp_path / "ref-ckpt")
+    return ref
 
-    env = Env(s3_server, bucket, tmp_path / "kill", fsdp_model)
-    env.tmp.mkdir()
+
+def assert_same_run(env: Env, name: str, ref: Env, after_step: int, tmp: Path) -> None:
+    """Losses after the resume point and the final weights equal the reference run's; the last
+    (sharded) checkpoint reassembles into exactly the exported model."""
+    import torch
+
+    restored = assert_sharded_checkpoint(env, name, env.model, tmp)
+    got, want = losses(env, name), losses(ref, "fsdp-ref")
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
+    assert after_step < STEPS
+    for s in range(after_step + 1, STEPS + 1):
+        assert abs(got[s] - want[s]) <= REL_TOL * abs(want[s]), (s, got[s], want[s])
+    a, b = final_weights(env, name), final_weights(ref, "fsdp-ref")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=REL_TOL, atol=1e-6), k
+    assert a.keys() <= restored.keys()
+    for k in a:
+        assert torch.equal(restored[k], a[k]), k
+
+
+def test_fsdp_reference_checkpoint_is_sharded(fsdp_ref, tmp_path):
+    restored = assert_sharded_checkpoint(fsdp_ref, "fsdp-ref", fsdp_ref.model, tmp_path)
+    assert restored
+
+
+def test_fsdp_full_finetune_kill_9_then_relaunch_resumes_exactly(fsdp_ref, s3_server, tmp_path):
+    env = Env(s3_server, fsdp_ref.bucket, tmp_path, fsdp_ref.model)
     config = fsdp_job(env, "fsdp-kill")
     # 1 s a step: after checkpoint 2 commits, the kill lands seconds before the last step
     p = env.launch(config, delay=1.0)
@@ -142,19 +169,52 @@ def test_fsdp_full_finetune_kill_9_then_relaunch_resumes_exactly(s3_server, fsdp
     resumed = progress(env, "fsdp-kill")["resumed_from"]
     assert resumed is not None and 2 <= resumed["step"] < STEPS, tail(p2)
     assert f"resuming from {resumed['uri']}" in tail(p2, 400)
-    restored = assert_sharded_checkpoint(env, "fsdp-kill", fsdp_model, tmp_path / "kill-ckpt")
+    assert_same_run(env, "fsdp-kill", fsdp_ref, resumed["step"], tmp_path / "ckpt")
 
-    got, want = losses(env, "fsdp-kill"), losses(ref, "fsdp-ref")
-    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
-    for s in range(resumed["step"] + 1, STEPS + 1):
-        assert abs(got[s] - want[s]) <= REL_TOL * abs(want[s]), (s, got[s], want[s])
-    import torch
 
-    a, b = final_weights(env, "fsdp-kill"), final_weights(ref, "fsdp-ref")
-    assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=REL_TOL, atol=1e-6), k
-    # the last checkpoint (step STEPS) is the exported model, shard for shard
-    assert a.keys() <= restored.keys()
-    for k in a:
-        assert torch.equal(restored[k], a[k]), k
+def test_fsdp_two_nodes_each_uploads_its_shards_and_the_gang_resumes(fsdp_ref, s3_server, tmp_path):
+    """Two 'nodes' (two torchrun launches, one process each, separate disks): node 1's weight and
+    optimizer shards exist only on node 1, so they reach the checkpoint through node 1's own upload."""
+    from kubetune_trainer.fsdp import MODEL_DIR
+
+    env = Env(s3_server, fsdp_ref.bucket, tmp_path, fsdp_ref.model)
+    config = fsdp_job(env, "fsdp-nodes")
+
+    def gang(port: int, delay: float) -> list[Any]:
+        return [
+            env.launch(config, nproc=1, nnodes=2, node_rank=r, rdzv_port=port, cache=f"node{r}-{port}", delay=delay)
+            for r in (0, 1)
+        ]  # fmt: skip
+
+    nodes = gang(free_port(), 1.0)
+    wait_until(
+        lambda: any(s >= 2 for s in committed_steps(env, "fsdp-nodes")),
+        150,
+        "checkpoint step 2",
+        tuple(nodes),
+    )
+    store, last = latest(env, "fsdp-nodes")
+    assert {f"{MODEL_DIR}/__0_0.distcp", f"{MODEL_DIR}/__1_0.distcp", "rng_state_1.pth"} <= set(
+        last.manifest.files
+    )
+    part = json.loads(store.get_bytes(f"{last.name}/{ck.PARTS_DIR}/node-1.json"))
+    # node 1 uploaded rank 1's files itself; node 0 listed them in COMMITTED
+    assert f"{MODEL_DIR}/__1_0.distcp" in part["files"] and "rng_state_1.pth" in part["files"]
+    assert all(last.manifest.files[rel] == meta for rel, meta in part["files"].items())
+
+    rank1 = wait_until(lambda: {**worker_pids(nodes[0]), **worker_pids(nodes[1])}.get(1), 10, "rank 1's pid")
+    os.kill(rank1, signal.SIGKILL)
+    for p in nodes:
+        assert wait(p, 120) != 0
+    assert max(committed_steps(env, "fsdp-nodes")) < STEPS
+    for _attempt in range(3):
+        nodes = gang(free_port(), 0.0)
+        if [wait(p) for p in nodes] == [0, 0]:
+            break
+        text = "\n".join(tail(p, 200) for p in nodes)
+        assert "connectFullMesh" in text or "Connection refused" in text or "rendezvous" in text.lower(), text
+    else:
+        raise AssertionError("two-node relaunch failed 3 times")
+    resumed = progress(env, "fsdp-nodes")["resumed_from"]
+    assert resumed is not None and resumed["step"] >= 2
+    assert_same_run(env, "fsdp-nodes", fsdp_ref, resumed["step"], tmp_path / "ckpt")

@@ -6,6 +6,11 @@ Layout under the checkpoint URI (spec.checkpoint.uri, default <output.uri>/check
                   trainer_state.json, ...                 (a Hugging Face Trainer checkpoint dir)
     step-00000100/COMMITTED                                (the manifest, written LAST)
 
+On several nodes each node has only its own ranks' files (RNG states; FSDP's weight and optimizer
+shards): node K > 0 uploads them itself and then writes `step-N/.parts/node-K.json` (their sizes
+and sha256); node 0 waits for every other node's part list before it writes COMMITTED, whose
+manifest then lists the files of all nodes. Nothing travels through node 0.
+
 A step directory without COMMITTED is an upload that never finished: it is never used and is
 deleted by `prune`/`clean_uncommitted`. The manifest lists every file with its size and sha256,
 the global step, the world size and the spec's training hash; a download is verified against it.
@@ -36,6 +41,8 @@ log = logging.getLogger("kubetune.checkpoints")
 MANIFEST_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 VERIFIED_MARKER = ".kubetune-verified"
+PARTS_DIR = ".parts"  # step-N/.parts/node-K.json: what node K uploaded (multi-node)
+PART_POLL_SECONDS = 0.5
 
 
 class CheckpointError(RuntimeError):
@@ -159,9 +166,12 @@ def commit(
     should_stop: Callable[[], bool] | None = None,
     workers: int = 4,
     manifest: Manifest | None = None,
+    other_nodes: Callable[[], dict[str, dict[str, Any]]] | None = None,
 ) -> Checkpoint:
     """Upload a finished local checkpoint dir to step-<N>/ and write COMMITTED last.
 
+    `other_nodes` (multi-node): called after this node's files are up; blocks until the other
+    nodes' parts are uploaded and returns their files for the manifest (see `collect_parts`).
     Transient store errors are retried (until `deadline`, a time.monotonic() value, or until
     `should_stop()`; without either, up to a few minutes). Re-committing a step that is already
     committed by the same spec is a no-op.
@@ -200,6 +210,8 @@ def commit(
         )
     ObjectStore._parallel(calls, workers)
     stopped()
+    if other_nodes is not None:
+        manifest = _with_files(manifest, other_nodes())
     retrying(lambda: store.put_bytes(f"{name}/{COMMITTED_FILE}", manifest.to_json()), f"commit {name}")
     dt = time.monotonic() - t0
     log.info(
@@ -210,6 +222,96 @@ def commit(
         dt,
     )
     return Checkpoint(step, name, store.uri_for(name), manifest)
+
+
+def _with_files(manifest: Manifest, others: dict[str, dict[str, Any]]) -> Manifest:
+    files = dict(manifest.files)
+    for rel, meta in others.items():
+        if rel in files and files[rel]["sha256"] != meta["sha256"]:
+            raise CheckpointError(f"step {manifest.step}: two nodes wrote different versions of {rel}")
+        files[rel] = meta
+    return Manifest(
+        step=manifest.step, world_size=manifest.world_size, spec_hash=manifest.spec_hash, files=files,
+        created_at=manifest.created_at, extra=manifest.extra,
+    )  # fmt: skip
+
+
+def part_key(step: int, node: int) -> str:
+    return f"{step_name(step)}/{PARTS_DIR}/node-{node}.json"
+
+
+def upload_part(
+    store: ObjectStore,
+    local_dir: str | os.PathLike,
+    *,
+    step: int,
+    node: int,
+    token: str,
+    should_stop: Callable[[], bool] | None = None,
+    workers: int = 4,
+) -> dict[str, dict[str, Any]]:
+    """Node `node` > 0: upload this node's files of checkpoint `step`, then its part list (last).
+
+    `token` names the attempt (node 0 only accepts parts of its own gang). Returns the files.
+    """
+    name = step_name(step)
+    root = Path(local_dir)
+    files = {
+        path.relative_to(root).as_posix(): {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+    def retrying(fn: Callable[[], Any], what: str) -> Any:
+        return with_retries(fn, what=what, attempts=None, should_stop=should_stop, max_delay=10.0)
+
+    def put(rel: str) -> None:
+        if should_stop is not None and should_stop():
+            raise CheckpointError(f"upload of node {node}'s part of {store.uri_for(name)} abandoned")
+        retrying(lambda: store.put_file(root / rel, f"{name}/{rel}"), f"upload {name}/{rel}")
+
+    ObjectStore._parallel([lambda rel=rel: put(rel) for rel in files], workers)
+    part = {"node": node, "token": token, "step": step, "files": files}
+    retrying(lambda: store.put_bytes(part_key(step, node), json.dumps(part).encode()), f"part list of {name}")
+    log.info("node %d: uploaded its part of %s (%d files)", node, store.uri_for(name), len(files))
+    return files
+
+
+def collect_parts(
+    store: ObjectStore,
+    step: int,
+    *,
+    nodes: int,
+    token: str,
+    should_stop: Callable[[], bool] | None = None,
+    poll_seconds: float = PART_POLL_SECONDS,
+) -> dict[str, dict[str, Any]]:
+    """Node 0: wait until nodes 1..nodes-1 uploaded their parts of `step` (with this gang's
+    `token`) and return their files. Raises CheckpointError when `should_stop()` turns true."""
+    found: dict[int, dict[str, dict[str, Any]]] = {}
+    waiting_since = time.monotonic()
+    while True:
+        for node in range(1, nodes):
+            if node in found:
+                continue
+            try:
+                part = json.loads(store.get_bytes(part_key(step, node)))
+            except ObjectNotFound:
+                continue
+            except Exception as e:  # a flaky store: the next poll reads it again
+                log.debug("reading node %d's part of step %d: %s", node, step, e)
+                continue
+            if part.get("token") == token and part.get("step") == step:
+                found[node] = part["files"]
+        if len(found) == nodes - 1:
+            break
+        if should_stop is not None and should_stop():
+            missing = sorted(set(range(1, nodes)) - set(found))
+            raise CheckpointError(f"step {step}: gave up waiting for the files of nodes {missing}")
+        time.sleep(poll_seconds)
+    if time.monotonic() - waiting_since > 1:
+        log.info("step %d: waited %.1fs for the other nodes' files", step, time.monotonic() - waiting_since)
+    return {rel: meta for files in found.values() for rel, meta in files.items()}
 
 
 def delete_checkpoint(store: ObjectStore, name: str) -> None:
@@ -474,7 +576,7 @@ def clean_uncommitted(store: ObjectStore) -> list[str]:
 
 __all__ = [
     "Checkpoint", "CheckpointError", "CorruptCheckpoint", "Manifest", "SpecMismatch", "build_manifest",
-    "candidates", "clean_uncommitted", "commit", "delete_checkpoint", "download", "latest_committed",
+    "candidates", "clean_uncommitted", "collect_parts", "commit", "delete_checkpoint", "download", "latest_committed",
     "list_committed", "parse_step_name", "prune", "read_manifest", "remote_problems", "resolve", "scan",
-    "sha256_file", "step_name", "verify_local",
+    "sha256_file", "step_name", "upload_part", "verify_local",
 ]  # fmt: skip

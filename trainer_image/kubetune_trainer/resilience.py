@@ -13,9 +13,9 @@ position).
 
 During training (`ResilienceCallback`):
 - on every save (every `checkpoint.every_steps`, every `checkpoint.every_minutes`, and at the last
-  step) the RNG files of all ranks are gathered into rank 0's checkpoint dir (on several nodes
-  each node only has its own ranks' files) and rank 0 hands the dir to the background uploader:
-  training goes on while it uploads and commits;
+  step) local rank 0 of every node hands its node's checkpoint dir to the background uploader and
+  training goes on: rank 0 uploads and commits, and on several nodes every other node uploads its
+  own ranks' files (RNG states, FSDP shards) as a part that rank 0 waits for before it commits;
 - SIGTERM (preemption): the handler only sets a flag; at the next step boundary the ranks agree
   (an all_reduce) to save and stop, rank 0 uploads that checkpoint at once (abandoning an older
   upload in flight) and waits for COMMITTED until `checkpoint.sigterm_grace_seconds` after the
@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +91,10 @@ class Gang:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def nnodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
     def setup(self) -> None:
         if not self.distributed:
             return
@@ -128,15 +133,11 @@ class Gang:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t.tolist()
 
-    def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj` on rank 0 (None elsewhere)."""
-        if not self.distributed:
-            return [obj]
-        import torch.distributed as dist
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
 
-        out: list[Any] | None = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
-        return out
+            dist.barrier(group=self.group)
 
 
 class Resilience:
@@ -169,6 +170,7 @@ class Resilience:
         self.save_seconds: list[tuple[float, float]] = []  # (Trainer save, hand-off) per checkpoint
         self.last_save = time.monotonic()
         self._old_handler: Any = None
+        self.token = ""  # names this attempt's gang in multi-node part lists (rank 0 picks it)
         self.marker = os.environ.get(ENV_PREEMPT_MARKER)
 
     # ------------------------------------------------------------ lifecycle
@@ -224,6 +226,8 @@ class Resilience:
         self._resolve_resume()
         if g.is_main:
             self._restore_metrics()
+        if g.local_rank == 0:
+            main = g.is_main
             self.uploader = CheckpointUploader(
                 self.ckpt_store,
                 spec_hash=self.spec_hash,
@@ -238,8 +242,11 @@ class Resilience:
                     "pet_type": spec.pet_config.pet_type,
                     "method": spec.method,
                 },
-                on_commit=self._on_commit,
-                on_state=self._on_upload_state,
+                on_commit=self._on_commit if main else None,
+                on_state=self._on_upload_state if main else None,
+                node=g.node_rank,
+                nodes=g.nnodes,
+                token=self.token,
             )
 
     def callbacks(self) -> list[TrainerCallback]:
@@ -269,9 +276,11 @@ class Resilience:
                     attempts=6,
                 )
                 listing = {"candidates": [(c.step, c.name, c.uri, c.manifest.to_json()) for c in cands]}
+                listing["token"] = uuid.uuid4().hex[:16]
             except (ck.CheckpointError, StoreError) as e:
                 listing = {"error": str(e), "kind": type(e).__name__}
         listing = g.broadcast(listing)
+        self.token = listing.get("token", "")
         if "error" in listing:
             if listing["kind"] in ("StoreError", "TransientStoreError", "ObjectNotFound"):
                 raise StoreError(f"checkpoints at {spec.checkpoint_uri()}: {listing['error']}")
@@ -379,8 +388,7 @@ class Resilience:
         return (
             u is not None
             and self.final_step is not None
-            and u.last_committed is not None
-            and u.last_committed.step >= self.final_step
+            and u.last_done_step >= self.final_step  # node K: its part of the final checkpoint
         )
 
     @property
@@ -436,15 +444,18 @@ class Resilience:
                     f"the job resumes from the previous committed checkpoint"
                 )
             return
-        if not self.gang.is_main:
-            return
-        assert self.uploader is not None and self.progress is not None and self.out_store is not None
         if not getattr(result, "completed", True):
             return
+        if not self.gang.is_main:
+            # rank 0 commits the last checkpoint only with this node's part in it
+            if self.uploader is not None and not self.uploader.wait_idle(self._final_timeout()):
+                log.warning(
+                    "node %d: its part of the last checkpoint was not uploaded in time", self.gang.node_rank
+                )
+            return
+        assert self.uploader is not None and self.progress is not None and self.out_store is not None
         self.progress.set_state("saving", "uploading the last checkpoint and the output")
-        timeout = FINAL_UPLOAD_TIMEOUT_SECONDS
-        if self.deadline is not None:
-            timeout = max(0.0, self.deadline - time.monotonic())
+        timeout = self._final_timeout()
         if not self.uploader.wait_idle(timeout):
             log.warning("the last checkpoint was not committed within %.0fs", timeout)
         if self.uploader.last_error:
@@ -467,6 +478,11 @@ class Resilience:
             log.info("uploaded %s to %s in %.1fs", self.output_dir, out_store.uri, time.monotonic() - t0)
         self.progress.update(step=getattr(result, "global_step", 0))
         self.progress.set_state("done", None, wait=10)
+
+    def _final_timeout(self) -> float:
+        if self.deadline is not None:
+            return max(0.0, self.deadline - time.monotonic())
+        return FINAL_UPLOAD_TIMEOUT_SECONDS
 
     def _log_checkpoint_costs(self) -> None:
         if not self.save_seconds or self.uploader is None:
@@ -549,24 +565,12 @@ class ResilienceCallback(TrainerCallback):
         step = state.global_step
         ckdir = Path(args.output_dir) / f"checkpoint-{step}"
         t_saved = r.last_save = time.monotonic()
-        if g.distributed:
-            # every rank's RNG state into rank 0's dir (other nodes wrote theirs to their own disk)
-            mine = ckdir / f"rng_state_{g.rank}.pth"
-            blob = (g.rank, mine.read_bytes() if mine.is_file() else None)
-            gathered = g.gather(blob)
-            if g.is_main and gathered is not None:
-                for rank, data in gathered:
-                    target = ckdir / f"rng_state_{rank}.pth"
-                    if data is not None and not target.exists():
-                        target.write_bytes(data)
-                missing = [rank for rank, data in gathered if data is None]
-                if missing:
-                    log.warning("checkpoint step %d: no RNG state from ranks %s", step, missing)
-            if g.local_rank == 0 and not g.is_main:
-                _remove_older_checkpoint_dirs(Path(args.output_dir), step)
+        # every rank of the node has written its files (RNG state, FSDP shards) before they are staged
+        g.barrier()
+        if g.local_rank == 0 and not g.is_main:
+            _remove_older_checkpoint_dirs(Path(args.output_dir), step)
         preempting = r.sigterm_at is not None and control.should_training_stop
-        if g.is_main:
-            assert r.uploader is not None
+        if r.uploader is not None:
             r.uploader.submit(ckdir, step, urgent=preempting)
         # what this save cost the training loop: the Trainer's own save, then our hand-off
         r.save_seconds.append((t_saved - self._t_step_end, time.monotonic() - t_saved))

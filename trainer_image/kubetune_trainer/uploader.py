@@ -12,6 +12,12 @@ only be pruned anyway). `submit(..., urgent=True)` (the SIGTERM save) also makes
 upload give up at its next file so the urgent one starts at once. An upload whose store is down
 is retried with backoff until it succeeds, is superseded or the uploader closes.
 
+On several nodes every node's local rank 0 runs one (`node`, `nodes`, `token`): node K > 0
+uploads its part (its ranks' files and a part list, `checkpoints.upload_part`) and commits
+nothing; node 0 uploads its files, waits for the other nodes' parts and commits (see
+checkpoints.py). Node 0 stops waiting for a step when a newer checkpoint is queued: a node whose
+uploads lag may have dropped that step for the newer one, and every node uploads the newest.
+
 The submitted directory is hard-linked into a staging directory first, so the trainer may
 delete or overwrite its own checkpoint dirs (save_total_limit) while an upload runs.
 """
@@ -75,6 +81,9 @@ class CheckpointUploader:
         on_commit: Callable[[ck.Checkpoint], None] | None = None,
         on_state: Callable[[str, int], None] | None = None,
         workers: int = 4,
+        node: int = 0,
+        nodes: int = 1,
+        token: str = "",
     ) -> None:
         self.store = store
         self.spec_hash = spec_hash
@@ -86,6 +95,8 @@ class CheckpointUploader:
         self.on_commit = on_commit
         self.on_state = on_state  # ("uploading" | "committed" | "failed" | "superseded", step)
         self.workers = workers
+        self.node, self.nodes, self.token = node, nodes, token
+        self.last_done_step = -1  # node 0: last committed step; node K: last uploaded part
         self.last_committed: ck.Checkpoint | None = None
         self.last_error: str | None = None
         self.committed_steps: list[int] = []
@@ -130,11 +141,12 @@ class CheckpointUploader:
         return True
 
     def wait_for_step(self, step: int, timeout: float | None = None) -> bool:
-        """Wait until checkpoint `step` (or a newer one) is committed; False on timeout or if it was dropped."""
+        """Wait until checkpoint `step` (or a newer one) is committed (node K: its part uploaded);
+        False on timeout or if it was dropped."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                if self.last_committed is not None and self.last_committed.step >= step:
+                if self.last_done_step >= step:
                     return True
                 queued = [j for j in (self._pending, self._current) if j is not None and not j.cancelled]
                 if not any(j.step >= step for j in queued):
@@ -183,33 +195,52 @@ class CheckpointUploader:
                     self._cond.notify_all()
                 shutil.rmtree(job.staged, ignore_errors=True)
 
+    def _superseded(self, job: _Job) -> bool:
+        pending = self._pending
+        return job.cancelled or self._closing or (pending is not None and pending.step > job.step)
+
+    def _send(self, job: _Job) -> ck.Checkpoint | None:
+        """One try at uploading `job`: node 0 commits it, node K uploads its part (returns None)."""
+
+        def stop() -> bool:
+            return job.cancelled or self._closing
+
+        if self.node > 0:
+            ck.upload_part(
+                self.store, job.staged, step=job.step, node=self.node, token=self.token,
+                should_stop=stop, workers=self.workers,
+            )  # fmt: skip
+            return None
+        manifest = ck.build_manifest(
+            job.staged, step=job.step, world_size=self.world_size, spec_hash=self.spec_hash, extra=self.extra
+        )
+
+        def other_nodes() -> dict[str, dict[str, Any]]:
+            return ck.collect_parts(
+                self.store,
+                job.step,
+                nodes=self.nodes,
+                token=self.token,
+                should_stop=lambda: self._superseded(job),
+            )
+
+        return ck.commit(
+            self.store, job.staged, step=job.step, world_size=self.world_size, spec_hash=self.spec_hash,
+            manifest=manifest, should_stop=stop, workers=self.workers,
+            other_nodes=other_nodes if self.nodes > 1 else None,
+        )  # fmt: skip
+
     def _upload(self, job: _Job) -> None:
         if self.on_state:
             with contextlib.suppress(Exception):
                 self.on_state("uploading", job.step)
         t0 = time.monotonic()
         try:
-            manifest = ck.build_manifest(
-                job.staged,
-                step=job.step,
-                world_size=self.world_size,
-                spec_hash=self.spec_hash,
-                extra=self.extra,
-            )
             attempt = 0
             while True:  # the store may be down for a long while: keep trying until superseded/closed
                 attempt += 1
                 try:
-                    result = ck.commit(
-                        self.store,
-                        job.staged,
-                        step=job.step,
-                        world_size=self.world_size,
-                        spec_hash=self.spec_hash,
-                        manifest=manifest,
-                        should_stop=lambda: job.cancelled or self._closing,
-                        workers=self.workers,
-                    )
+                    result = self._send(job)
                     break
                 except Exception as e:
                     if job.cancelled or self._closing or not is_transient(e):
@@ -217,7 +248,7 @@ class CheckpointUploader:
                     log.warning("upload of step %d failed (%s); retrying (attempt %d)", job.step, e, attempt)
                     time.sleep(min(30.0, 2.0**attempt))
         except Exception as e:
-            if job.cancelled or self._closing:
+            if self._superseded(job):
                 log.warning("upload of checkpoint step %d abandoned: %s", job.step, e)
                 if self.on_state:
                     with contextlib.suppress(Exception):
@@ -231,11 +262,15 @@ class CheckpointUploader:
             return
         dt = time.monotonic() - t0
         with self._cond:
-            self.last_committed = result
+            self.last_done_step = max(self.last_done_step, job.step)
             self.last_error = None
-            self.committed_steps.append(job.step)
             self.upload_seconds.append(dt)
+            if result is not None:
+                self.last_committed = result
+                self.committed_steps.append(job.step)
             self._cond.notify_all()
+        if result is None:
+            return
         if self.on_commit:
             try:
                 self.on_commit(result)
