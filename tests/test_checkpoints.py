@@ -238,6 +238,106 @@ def test_urgent_submit_abandons_inflight_upload(s3, ckstore, tmp_path):
     assert 1 not in up.committed_steps
 
 
+# ---------------------------------------------------------------- several nodes
+
+
+def node_dir(root: Path, step: int, ranks: list[int]) -> Path:
+    """What one node has on disk after a save: its own ranks' RNG states and FSDP shards."""
+    d = root / f"checkpoint-{step}"
+    (d / "pytorch_model_fsdp_0").mkdir(parents=True, exist_ok=True)
+    for r in ranks:
+        (d / f"rng_state_{r}.pth").write_bytes(os.urandom(100))
+        (d / "pytorch_model_fsdp_0" / f"__{r}_0.distcp").write_bytes(os.urandom(20_000))
+    return d
+
+
+def node_uploaders(ckstore, tmp_path, nodes: int, token: str = "gang-a") -> list[CheckpointUploader]:
+    return [
+        CheckpointUploader(
+            ckstore,
+            spec_hash=HASH,
+            world_size=2 * nodes,
+            keep_last=2,
+            staging_dir=tmp_path / f"st{n}",
+            node=n,
+            nodes=nodes,
+            token=token,
+        )  # fmt: skip
+        for n in range(nodes)
+    ]
+
+
+def test_nodes_upload_their_own_parts_and_node_0_commits_all(ckstore, tmp_path):
+    ups = node_uploaders(ckstore, tmp_path, nodes=3)
+    try:
+        dirs = [node_dir(tmp_path / f"node{n}", 4, [2 * n, 2 * n + 1]) for n in range(3)]
+        (dirs[0] / "trainer_state.json").write_text("{}")  # only rank 0 writes the Trainer's own files
+        ups[0].submit(dirs[0], 4)
+        time.sleep(1.5)
+        assert ck.list_committed(ckstore) == []  # node 0 waits for nodes 1 and 2
+        ups[2].submit(dirs[2], 4)
+        ups[1].submit(dirs[1], 4)
+        assert ups[0].wait_for_step(4, timeout=60)
+        assert ups[1].wait_for_step(4, timeout=10) and ups[2].wait_for_step(4, timeout=10)
+    finally:
+        for up in ups:
+            up.close()
+    assert ups[1].last_committed is None and ups[1].committed_steps == []  # only node 0 commits
+    (c,) = ck.list_committed(ckstore)
+    want = {"trainer_state.json"} | {
+        f for r in range(6) for f in (f"rng_state_{r}.pth", f"pytorch_model_fsdp_0/__{r}_0.distcp")
+    }
+    assert set(c.manifest.files) == want
+    got = ck.download(ckstore, c, tmp_path / "dl")  # every file, verified against the merged manifest
+    assert (got / "pytorch_model_fsdp_0/__5_0.distcp").read_bytes() == (
+        dirs[2] / "pytorch_model_fsdp_0/__5_0.distcp"
+    ).read_bytes()
+
+
+def test_node_0_ignores_parts_of_another_gang_and_conflicting_files_fail(ckstore, tmp_path):
+    # a part left by an earlier attempt's node 1 (another token) does not count
+    stale = node_dir(tmp_path / "stale", 2, [1])
+    ck.upload_part(ckstore, stale, step=2, node=1, token="old-gang")
+    ups = node_uploaders(ckstore, tmp_path, nodes=2, token="new-gang")
+    try:
+        ups[0].submit(node_dir(tmp_path / "n0", 2, [0]), 2)
+        time.sleep(1.5)
+        assert ck.list_committed(ckstore) == []
+        fresh = node_dir(tmp_path / "n1", 2, [1])
+        ups[1].submit(fresh, 2)
+        assert ups[0].wait_for_step(2, timeout=60)
+    finally:
+        for up in ups:
+            up.close()
+    (c,) = ck.list_committed(ckstore)
+    assert c.manifest.files["rng_state_1.pth"]["sha256"] == ck.sha256_file(fresh / "rng_state_1.pth")
+
+    # two nodes that wrote different contents under one name: never committed
+    a, b = node_dir(tmp_path / "a", 3, [0]), node_dir(tmp_path / "b", 3, [1])
+    (b / "rng_state_0.pth").write_bytes(b"not node 0's")
+    ck.upload_part(ckstore, b, step=3, node=1, token="t")
+    parts = lambda: ck.collect_parts(ckstore, 3, nodes=2, token="t")  # noqa: E731
+    with pytest.raises(ck.CheckpointError, match="two nodes wrote different versions of rng_state_0.pth"):
+        ck.commit(ckstore, a, step=3, world_size=2, spec_hash=HASH, other_nodes=parts)
+    assert [x.step for x in ck.list_committed(ckstore)] == [2]
+
+
+def test_node_0_stops_waiting_for_a_step_a_newer_checkpoint_replaced(ckstore, tmp_path):
+    """A slow node may drop step 2 for step 4 (its pending slot holds one); node 0 then moves on too."""
+    ups = node_uploaders(ckstore, tmp_path, nodes=2)
+    try:
+        ups[0].submit(node_dir(tmp_path / "n0", 2, [0]), 2)
+        time.sleep(1.0)  # node 0 is waiting for node 1's part of step 2, which never comes
+        ups[0].submit(node_dir(tmp_path / "n0", 4, [0]), 4)
+        ups[1].submit(node_dir(tmp_path / "n1", 4, [1]), 4)
+        assert ups[0].wait_for_step(4, timeout=60)
+    finally:
+        for up in ups:
+            up.close()
+    assert ups[0].committed_steps == [4]
+    assert [c.step for c in ck.list_committed(ckstore)] == [4]
+
+
 # ---------------------------------------------------------------- progress
 
 
