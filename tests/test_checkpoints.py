@@ -134,8 +134,17 @@ def test_world_size_change(ckstore, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [c.step for c in ck.candidates(ckstore, spec_hash=HASH, world_size=4)] == [10]
     assert "written by 2 processes and this run has 4" in caplog.text
-    with pytest.raises(ck.CheckpointError, match="FSDP gang of world size 2"):
-        ck.candidates(ckstore, spec_hash=HASH, world_size=4, strategy="fsdp")
+
+
+def test_fsdp_checkpoint_reshards_to_another_gang_but_not_to_one_process(s3, tmp_path, caplog):
+    store = s3.store("jobs/fsdp/checkpoints")
+    d = fake_checkpoint(tmp_path / "local", 10, world_size=2)
+    ck.commit(store, d, step=10, world_size=2, spec_hash=HASH, extra={"strategy": "fsdp"})
+    with caplog.at_level(logging.WARNING):
+        assert [c.step for c in ck.candidates(store, spec_hash=HASH, world_size=3, strategy="fsdp")] == [10]
+    assert "written by 2 processes and this run has 3" in caplog.text and "resharded" in caplog.text
+    with pytest.raises(ck.CheckpointError, match="resumes only in a sharded gang"):
+        ck.candidates(store, spec_hash=HASH, world_size=1, strategy="fsdp")
 
 
 @pytest.mark.parametrize("backend", ["s3", "local"])

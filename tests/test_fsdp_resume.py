@@ -218,3 +218,40 @@ def test_fsdp_two_nodes_each_uploads_its_shards_and_the_gang_resumes(fsdp_ref, s
     resumed = progress(env, "fsdp-nodes")["resumed_from"]
     assert resumed is not None and resumed["step"] >= 2
     assert_same_run(env, "fsdp-nodes", fsdp_ref, resumed["step"], tmp_path / "ckpt")
+
+
+def test_fsdp_checkpoint_of_two_ranks_resumes_on_three(fsdp_ref, s3_server, tmp_path):
+    """torch.distributed.checkpoint reshards: the 2-rank checkpoint loads into a 3-process gang with
+    exactly the weights it saved, and that gang trains on and writes 3 shards. With an lr schedule
+    that keeps lr > 0 at the end, an extra step after the resume would change the weights."""
+    import torch
+
+    from kubetune_trainer.fsdp import MODEL_DIR
+
+    env = Env(s3_server, fsdp_ref.bucket, tmp_path, fsdp_ref.model)
+    config = fsdp_job(env, "fsdp-reshard")
+    doc = yaml.safe_load(config.read_text())
+    doc["spec"]["training"]["max_steps"] = 4
+    doc["spec"]["training"]["lr_scheduler_type"] = "constant"
+    config.write_text(yaml.safe_dump(doc))
+    relaunch_until_done(env, config, delay=0)
+    saved = final_weights(env, "fsdp-reshard")
+
+    # the same checkpoint (step 4 = max_steps) on 3 processes: nothing to train, the export is the load
+    p = relaunch_until_done(env, config, delay=0, nproc=3)
+    assert "written by 2 processes and this run has 3" in tail(p, 400) and "resharded" in tail(p, 400)
+    loaded = final_weights(env, "fsdp-reshard")
+    # resumed at its last step: nothing more is trained (the Trainer alone would take a step 5)
+    assert committed_steps(env, "fsdp-reshard")[-1] == 4 and "step 5/" not in tail(p, 400)
+    assert saved.keys() == loaded.keys() and saved
+    for k in saved:
+        assert torch.equal(saved[k], loaded[k]), k
+
+    doc["spec"]["training"]["max_steps"] = 6
+    config.write_text(yaml.safe_dump(doc))
+    relaunch_until_done(env, config, delay=0, nproc=3)
+    assert progress(env, "fsdp-reshard")["resumed_from"]["step"] == 4
+    _, last = latest(env, "fsdp-reshard")
+    assert last.step == 6 and last.manifest.world_size == 3
+    assert {f"{MODEL_DIR}/__{r}_0.distcp" for r in range(3)} <= set(last.manifest.files)
+    assert sorted(losses(env, "fsdp-reshard")) == list(range(1, 7))

@@ -421,7 +421,8 @@ def candidates(
 
     Skips (with a warning) ones whose files are missing or of the wrong size. The newest one from a
     different spec raises SpecMismatch unless on_spec_change == "start_over" (then foreign ones
-    are ignored). A sharded (fsdp) checkpoint of another world size raises CheckpointError.
+    are ignored). A sharded (fsdp) checkpoint resumes on another gang size, but not on one process
+    (CheckpointError).
     """
     committed, _ = scan(store)
     out = []
@@ -454,18 +455,25 @@ def candidates(
             continue
         saved_ws = ckpt.manifest.world_size
         if world_size is not None and saved_ws != world_size:
-            if ckpt.manifest.extra.get("strategy", strategy) == "fsdp" or strategy == "fsdp":
+            # strategy fsdp shards a gang of more than one process: torch.distributed.checkpoint
+            # reshards such a checkpoint onto another gang size, never onto an unsharded single process
+            sharded_then = ckpt.manifest.extra.get("strategy", strategy) == "fsdp" and saved_ws > 1
+            sharded_now = strategy == "fsdp" and world_size > 1
+            if sharded_then != sharded_now:
                 raise CheckpointError(
-                    f"checkpoint {ckpt.uri} was written by an FSDP gang of world size {saved_ws}, and this run has "
-                    f"{world_size} processes: resume with nnodes x nproc_per_node = {saved_ws}, or start over"
+                    f"checkpoint {ckpt.uri} was written by {saved_ws} process(es) with strategy "
+                    f"{ckpt.manifest.extra.get('strategy', strategy)} and this run has {world_size} with strategy "
+                    f"{strategy}: a sharded (fsdp, several processes) checkpoint resumes only in a sharded gang; "
+                    f"run nnodes x nproc_per_node > 1 with strategy fsdp, or start over"
                 )
             log.warning(
                 "checkpoint %s was written by %d processes and this run has %d: weights, optimizer and "
-                "scheduler resume at step %d, but the global batch and data order change from here on",
+                "scheduler resume at step %d%s, but the global batch and data order change from here on",
                 ckpt.uri,
                 saved_ws,
                 world_size,
                 ckpt.step,
+                " (the FSDP shards are resharded)" if sharded_now else "",
             )
         out.append(ckpt)
     return out

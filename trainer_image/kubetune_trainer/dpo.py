@@ -109,7 +109,7 @@ def build_dpo_trainer(
     """
     from trl import DPOTrainer
 
-    from kubetune_trainer.fsdp import sharded
+    from kubetune_trainer.trainer_class import kubetune_trainer
 
     _quiet_dataset_bars()
     if data.method != "dpo":
@@ -127,7 +127,7 @@ def build_dpo_trainer(
         if load_reference is None:
             raise JobError(f"method dpo with pet_type {plan.pet_type} needs a reference model loader")
         ref_model = freeze_reference(load_reference())
-    trainer = sharded(DPOTrainer)(
+    trainer = kubetune_trainer(DPOTrainer)(
         model=model,
         ref_model=ref_model,
         args=dpo_config(args, spec),

@@ -3,7 +3,7 @@
 The Trainer's FSDP goes through accelerate, which turns its FSDP plugin on only for accelerator
 types (MULTI_GPU, MULTI_XPU, ...), never for MULTI_CPU. PyTorch's FSDP2 (`fully_shard`) and
 torch.distributed.checkpoint run on CPU over gloo as they do on GPUs over NCCL, so on a CPU gang
-`sharded` switches accelerate's state to FSDP after the Trainer built its Accelerator: the same
+`enable_on_cpu` (called by trainer_class.py) switches accelerate's state to FSDP after the Trainer built its Accelerator: the same
 code path (`fully_shard` per decoder layer, DCP sharded saves and loads) then runs on both.
 
 Checkpoints are sharded (SHARDED_STATE_DICT): every rank writes its own shard of the weights
@@ -14,9 +14,7 @@ export gathers a full state dict once (`Accelerator.get_state_dict`).
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
-
-T = TypeVar("T", bound=type)
+from typing import Any
 
 MODEL_DIR = "pytorch_model_fsdp_0"
 OPTIMIZER_DIR = "optimizer_0"
@@ -29,18 +27,6 @@ def fsdp_config(*, activation_checkpointing: bool) -> dict[str, Any]:
         "state_dict_type": "SHARDED_STATE_DICT",
         "activation_checkpointing": activation_checkpointing,
     }
-
-
-def sharded(trainer_cls: T) -> T:
-    """`trainer_cls` (a transformers Trainer subclass) with FSDP on CPU gangs too (module doc)."""
-
-    class Sharded(trainer_cls):  # type: ignore[misc, valid-type]
-        def create_accelerator_and_postprocess(self) -> None:
-            super().create_accelerator_and_postprocess()
-            enable_on_cpu(self)
-
-    Sharded.__name__ = Sharded.__qualname__ = trainer_cls.__name__
-    return Sharded  # type: ignore[return-value]
 
 
 def enable_on_cpu(trainer: Any) -> bool:
@@ -64,4 +50,4 @@ def enable_on_cpu(trainer: Any) -> bool:
     return True
 
 
-__all__ = ["MODEL_DIR", "OPTIMIZER_DIR", "enable_on_cpu", "fsdp_config", "sharded"]
+__all__ = ["MODEL_DIR", "OPTIMIZER_DIR", "enable_on_cpu", "fsdp_config"]

@@ -248,9 +248,9 @@ def run_training(
             load_reference=lambda: model_loading.load_model(model_dir, spec, precision),
         )  # fmt: skip
     else:
-        from kubetune_trainer.fsdp import sharded
+        from kubetune_trainer.trainer_class import kubetune_trainer
 
-        trainer = sharded(Trainer)(
+        trainer = kubetune_trainer(Trainer)(
             model=model,
             args=args,
             train_dataset=data.train_dataset,
