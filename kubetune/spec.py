@@ -262,8 +262,8 @@ class ParallelConfig(_Model):
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
-        description="ddp: replicate the model; fsdp: shard weights, gradients and optimizer across GPUs "
-        "(full fine-tuning; on CPU it runs as ddp).",
+        description="ddp: replicate the model; fsdp: shard weights, gradients and optimizer state across the "
+        "gang's processes (FSDP2, GPUs or CPU), with sharded checkpoints.",
     )
     max_worker_restarts: int = Field(
         1,
