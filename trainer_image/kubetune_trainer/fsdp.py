@@ -3,8 +3,9 @@
 The Trainer's FSDP goes through accelerate, which turns its FSDP plugin on only for accelerator
 types (MULTI_GPU, MULTI_XPU, ...), never for MULTI_CPU. PyTorch's FSDP2 (`fully_shard`) and
 torch.distributed.checkpoint run on CPU over gloo as they do on GPUs over NCCL, so on a CPU gang
-`enable_on_cpu` (called by trainer_class.py) switches accelerate's state to FSDP after the Trainer built its Accelerator: the same
-code path (`fully_shard` per decoder layer, DCP sharded saves and loads) then runs on both.
+`enable_on_cpu` (called by trainer_class.py) switches accelerate's state to FSDP after the Trainer
+built its Accelerator: the same code path (`fully_shard` per decoder layer, DCP sharded saves and
+loads) then runs on both.
 
 Checkpoints are sharded (SHARDED_STATE_DICT): every rank writes its own shard of the weights
 (``pytorch_model_fsdp_0/__<rank>_0.distcp``) and of the optimizer state (``optimizer_0/``), and

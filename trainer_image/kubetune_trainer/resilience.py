@@ -17,8 +17,8 @@ During training (`ResilienceCallback`):
   training goes on: rank 0 uploads and commits, and on several nodes every other node uploads its
   own ranks' files (RNG states, FSDP shards) as a part that rank 0 waits for before it commits;
 - SIGTERM (preemption): the handler only sets a flag; at the next step boundary the ranks agree
-  (an all_reduce) to save and stop, rank 0 uploads that checkpoint at once (abandoning an older
-  upload in flight) and waits for COMMITTED until `checkpoint.sigterm_grace_seconds` after the
+  (an all_reduce) to save and stop, every node uploads its files of that checkpoint at once
+  (abandoning an older upload in flight) and rank 0 waits for COMMITTED until `checkpoint.sigterm_grace_seconds` after the
   signal. When it committed, every node's local rank 0 writes the marker file named by
   $KUBETUNE_PREEMPT_MARKER (set by `kubetune_trainer.supervise`) and the process exits with
   EXIT_PREEMPTED (75); when it did not, with 1. SIGTERM before training started (nothing new to
