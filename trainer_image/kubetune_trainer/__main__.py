@@ -108,15 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(rank)
     workdir = Path(args.workdir) if args.workdir else default_workdir(job)
+    finished = False
     try:
         result = run_job(job, workdir)
+        finished = True
     except _user_errors() as e:
         print(f"kubetune: error{tag}: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         return 130
     finally:
-        _destroy_process_group()
+        _destroy_process_group(wait_for_gang=finished)
     if not result.completed:
         print(
             f"kubetune: stopped at step {result.global_step} of {result.max_steps} before the end; "
@@ -129,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _destroy_process_group() -> None:
+def _destroy_process_group(*, wait_for_gang: bool) -> None:
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover
         return
     if dist.is_available() and dist.is_initialized():
+        if wait_for_gang:
+            # a rank that tore its gloo connections down while rank 0 was still exporting (which
+            # gathers from every rank) sometimes died in gloo's threads (SIGABRT) after a good run
+            dist.barrier()
         dist.destroy_process_group()
 
 
