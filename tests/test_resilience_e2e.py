@@ -238,6 +238,18 @@ def relaunch_until_done(env: Env, config: Path, tries: int = 3, **kw: Any) -> su
     raise AssertionError(f"relaunch failed {tries} times:\n{tail(p)}")
 
 
+def relaunch_gang_until_done(gang: Any, tries: int = 3) -> list[subprocess.Popen]:
+    """Relaunch a multi-node gang (`gang()` starts every node) until all nodes exit 0; a rendezvous
+    or gloo start-up hiccup gets another try."""
+    for _ in range(tries):
+        nodes = gang()
+        if [wait(p) for p in nodes] == [0] * len(nodes):
+            return nodes
+        text = "\n".join(tail(p, 200) for p in nodes)
+        assert "connectFullMesh" in text or "Connection refused" in text or "rendezvous" in text.lower(), text
+    raise AssertionError(f"multi-node relaunch failed {tries} times")
+
+
 @pytest.fixture(scope="module")
 def ref_env(s3_server, tiny_model, tmp_path_factory) -> Env:
     """One uninterrupted 2-process run: the losses and weights every resumed run must reproduce."""
@@ -322,15 +334,7 @@ def test_two_nodes_kill_one_node_then_relaunch(env):
     os.kill(rank1, signal.SIGKILL)
     for p in nodes:
         assert wait(p, 120) != 0
-    for _attempt in range(3):
-        nodes = gang(free_port())
-        codes = [wait(p) for p in nodes]
-        if codes == [0, 0]:
-            break
-        text = "\n".join(tail(p, 200) for p in nodes)
-        assert "connectFullMesh" in text or "Connection refused" in text or "rendezvous" in text.lower(), text
-    else:
-        raise AssertionError("two-node relaunch failed 3 times")
+    relaunch_gang_until_done(lambda: gang(free_port()))
     resumed = progress(env, "nodes")["resumed_from"]
     assert resumed is not None and resumed["step"] >= 8
     assert_same_run(env, "nodes", "ref", resumed["step"])
