@@ -11,6 +11,16 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 # the gang can be restarted without counting a failure (75 = EX_TEMPFAIL, "try again").
 EXIT_PREEMPTED = 75
 
+# Exit code of a trainer pod that failed on a user error (bad spec, bad data, denied credentials):
+# retrying cannot help, so the operator fails the job at once (65 = EX_DATAERR). The one-line
+# reason is written to the container termination message.
+EXIT_USER_ERROR = 65
+
+# File the trainer writes its one-line failure reason to; the operator sets this variable and the
+# container's terminationMessagePath to the same path.
+ENV_TERMINATION_MESSAGE_PATH = "KUBETUNE_TERMINATION_MESSAGE_PATH"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
 # torchrun c10d rendezvous port on node rank 0.
 RDZV_PORT = 29500
 
