@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from kubetune.conventions import EXIT_PREEMPTED
+from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR
 from kubetune_trainer.supervise import exit_status
 
 CHILD = textwrap.dedent(
@@ -24,6 +24,9 @@ CHILD = textwrap.dedent(
     print("timeout", os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"], flush=True)
     if mode.startswith("exit"):
         sys.exit(int(mode[4:]))
+    if mode == "usererror":
+        open(os.environ["KUBETUNE_USER_ERROR_MARKER"], "w").write("spec.model.uri: no such directory")
+        sys.exit(1)  # torchrun's own code for any failed worker
     time.sleep(60)
     """
 )
@@ -78,8 +81,16 @@ def test_grace_comes_from_the_job(tmp_path):
     assert "timeout 50" in out
 
 
+def test_a_user_error_passes_through_as_65_with_its_reason():
+    p = supervise("usererror")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == EXIT_USER_ERROR
+    assert "user error: spec.model.uri: no such directory; exit 65" in err
+
+
 def test_exit_status_rules():
     assert exit_status(0, True) == 0  # finished anyway
     assert exit_status(1, True) == EXIT_PREEMPTED
     assert exit_status(-9, False) == 137
     assert exit_status(2, False) == 2
+    assert exit_status(1, True, user_error=True) == EXIT_USER_ERROR  # retrying cannot help

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune.conventions import EXIT_USER_ERROR
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -54,24 +56,34 @@ def test_a_job_problem_is_one_line_without_traceback(train_job: Any, tmp_path: P
         [sys.executable, "-m", "kubetune_trainer", "--config", str(config), "--workdir", str(tmp_path / "w")],
         capture_output=True, text=True, env=_env(tmp_path), timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_USER_ERROR
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kubetune: error")]
     assert errors == [f"kubetune: error: spec.model.uri: {tmp_path / 'no-such-model'}: no such directory"]
 
 
-def test_an_invalid_job_file_exits_2_naming_the_field(tmp_path: Path) -> None:
+def test_an_invalid_job_file_exits_65_through_torchrun_with_the_reason_as_termination_message(
+    tmp_path: Path,
+) -> None:
+    """The pod's command: supervise -> torchrun -> trainer. torchrun reports any failed worker as 1;
+    the pod still exits 65 (a user error: the operator fails the job at once) and the kubelet
+    finds the reason in the termination message."""
     config = tmp_path / "job.yaml"
     config.write_text(
         "apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nmetadata: {name: x}\n"
         "spec: {model: {uri: /m}, dataset: {uri: /d.json}, output: {uri: /o}, pet_config: {lora_rank: 0}}\n"
     )
+    message = tmp_path / "termination-log"
+    env = dict(_env(tmp_path), KUBETUNE_TERMINATION_MESSAGE_PATH=str(message))
     proc = subprocess.run(
-        [sys.executable, "-m", "kubetune_trainer", "--config", str(config)],
-        capture_output=True, text=True, env=_env(tmp_path), timeout=120,
+        [sys.executable, "-m", "kubetune_trainer.supervise", "--", sys.executable, "-m", "torch.distributed.run",
+         "--standalone", "--nproc-per-node=1", "-m", "kubetune_trainer", "--config", str(config)],
+        capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-3000:]
     assert "spec.pet_config.lora_rank: must be >= 1, got 0" in proc.stderr
+    assert "spec.pet_config.lora_rank: must be >= 1, got 0" in message.read_text()
+    assert message.read_text().count("\n") == 0
 
 
 def test_kubetune_run_stops_before_torchrun_when_the_method_cannot_run(

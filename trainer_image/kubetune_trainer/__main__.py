@@ -6,8 +6,12 @@ process). ``--config`` defaults to where the operator mounts the job (/etc/kubet
 ``--workdir`` (node-local scratch: checkpoints, downloads of this job) defaults to
 ``$KUBETUNE_CACHE_DIR/work/<job name>`` (``~/.cache/kubetune`` without the variable).
 
-Exit status: 0 when training finished and the final model is written; 1 for a problem the job's
-author fixes (one line on stderr naming it, no traceback); 2 for an invalid job file;
+Exit status: 0 when training finished and the final model is written; 65 (``EXIT_USER_ERROR``)
+for a problem the job's author fixes (an invalid job file, bad data, denied credentials, another
+run writing the output): one line on stderr naming it, no traceback, and the same line in the
+container's termination message (the file $KUBETUNE_TERMINATION_MESSAGE_PATH names, else
+/dev/termination-log where the kubelet provides it) and in $KUBETUNE_USER_ERROR_MARKER (set by
+``kubetune_trainer.supervise`` and ``kubetune run``: torchrun loses the workers' exit codes);
 75 (``EXIT_PREEMPTED``) when training stopped before its last step (stopped by a callback, e.g.
 on SIGTERM) so the gang can be restarted and resume.
 """
@@ -21,7 +25,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kubetune.conventions import CONFIG_PATH, EXIT_PREEMPTED
+from kubetune.conventions import (
+    CONFIG_PATH,
+    ENV_TERMINATION_MESSAGE_PATH,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    TERMINATION_MESSAGE_PATH,
+)
 from kubetune.validate import SpecError, load_job
 
 if TYPE_CHECKING:
@@ -79,6 +89,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (JobError, DataError, StoreError)
 
 
+def _is_transient(e: BaseException) -> bool:
+    from kubetune_trainer.store import TransientStoreError
+
+    return isinstance(e, TransientStoreError)
+
+
 def _summary(result: TrainResult) -> str:
     parts = [f"done: {result.global_step} steps in {result.runtime_seconds:.0f}s"]
     if result.first_loss is not None and result.last_loss is not None:
@@ -105,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         for problem in e.problems:
             print(f"kubetune: {problem}", file=sys.stderr)
-        return 2
+        report_user_error("; ".join(str(p) for p in e.problems))
+        return EXIT_USER_ERROR
     _setup_logging(rank)
     workdir = Path(args.workdir) if args.workdir else default_workdir(job)
     finished = False
@@ -114,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         finished = True
     except _user_errors() as e:
         print(f"kubetune: error{tag}: {e}", file=sys.stderr, flush=True)
-        return 1
+        if _is_transient(e):  # the store was down: a later attempt may well succeed
+            return 1
+        report_user_error(f"{e}{tag}")
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
     finally:
@@ -129,6 +149,38 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(f"kubetune: {_summary(result)}", file=sys.stderr, flush=True)
     return 0
+
+
+ENV_USER_ERROR_MARKER = "KUBETUNE_USER_ERROR_MARKER"  # the same name supervise.py sets
+_TERMINATION_MESSAGE_MAX = 4096  # what the kubelet keeps of a termination message
+
+
+def termination_message_path() -> Path | None:
+    """$KUBETUNE_TERMINATION_MESSAGE_PATH, else /dev/termination-log where the kubelet created it."""
+    named = os.environ.get(ENV_TERMINATION_MESSAGE_PATH)
+    if named:
+        return Path(named)
+    default = Path(TERMINATION_MESSAGE_PATH)
+    # never create it on a developer's machine: only a file the kubelet mounted counts
+    return default if default.is_file() and os.access(default, os.W_OK) else None
+
+
+def report_user_error(reason: str) -> None:
+    """Leave the one-line reason where the operator and the launcher look for it. The first rank to
+    fail wins (not the ones torchrun stopped afterwards)."""
+    line = reason.replace("\n", " ").strip().encode()[:_TERMINATION_MESSAGE_MAX].decode(errors="ignore")
+    marker = os.environ.get(ENV_USER_ERROR_MARKER)
+    for path, mode in ((termination_message_path(), "a"), (marker and Path(marker), "x")):
+        if not path:
+            continue
+        try:
+            with open(path, mode, encoding="utf-8") as f:
+                if f.tell() == 0:  # the kubelet's file exists, empty
+                    f.write(line)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            print(f"kubetune: could not write {path}: {e}", file=sys.stderr)
 
 
 def _destroy_process_group(*, wait_for_gang: bool) -> None:

@@ -4,15 +4,18 @@ torchrun does not pass a worker's exit status through: a gang that stopped on SI
 committing a checkpoint (workers exit 75) leaves torchrun with its own failure code. This wrapper
 
 - runs the command after ``--`` as a child, with $KUBETUNE_PREEMPT_MARKER naming a fresh file
-  that the trainer writes once a preemption checkpoint is committed (resilience.py);
+  that the trainer writes once a preemption checkpoint is committed (resilience.py), and
+  $KUBETUNE_USER_ERROR_MARKER one it writes its one-line reason to on a user error (__main__.py);
 - forwards SIGTERM, SIGINT and SIGHUP to it (the kubelet signals only the container's PID 1);
 - gives torchrun time to let its workers save: sets TORCH_ELASTIC_SHUTDOWN_TIMEOUT (how long
   torchrun waits for workers after forwarding SIGTERM before SIGKILL) to the job's
   checkpoint.sigterm_grace_seconds + 10 unless already set;
 - makes in-pod worker restarts reliable: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 unless set (see main);
 - reaps orphans (it may run as PID 1);
-- exits 0 when the child did, EXIT_PREEMPTED (75, "preempted, resumable") when the child failed
-  but the marker is there, else the child's status (128 + N for a signal N).
+- exits 0 when the child did, EXIT_USER_ERROR (65: bad spec, data or credentials; retrying
+  cannot help) when it failed and the user-error marker is there, EXIT_PREEMPTED (75,
+  "preempted, resumable") when it failed and the preemption marker is there, else the child's
+  status (128 + N for a signal N).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kubetune.conventions import EXIT_PREEMPTED
+from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR
 
 ENV_PREEMPT_MARKER = "KUBETUNE_PREEMPT_MARKER"  # the same name resilience.py reads
+ENV_USER_ERROR_MARKER = "KUBETUNE_USER_ERROR_MARKER"  # the same name __main__.py writes
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _DEFAULT_GRACE = 25
 
@@ -47,12 +51,44 @@ def _grace_seconds(cmd: list[str]) -> int:
     return _DEFAULT_GRACE
 
 
-def exit_status(returncode: int, preempted: bool) -> int:
+def exit_status(returncode: int, preempted: bool, user_error: bool = False) -> int:
     if returncode == 0:
         return 0
+    if user_error:
+        return EXIT_USER_ERROR
     if preempted:
         return EXIT_PREEMPTED
     return 128 - returncode if returncode < 0 else returncode
+
+
+class Markers:
+    """The files a trainer gang leaves for whoever started torchrun (this wrapper, `kubetune run`)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kubetune-supervise-"))
+        self.preempt = self.dir / "preempted"
+        self.user_error = self.dir / "user-error"
+
+    def child_env(self, cmd: list[str], env: dict[str, str]) -> dict[str, str]:
+        env = dict(env)
+        env[ENV_PREEMPT_MARKER] = str(self.preempt)
+        env[ENV_USER_ERROR_MARKER] = str(self.user_error)
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(_grace_seconds(cmd) + 10))
+        return env
+
+    def read(self) -> tuple[bool, str | None]:
+        """(preempted, the user error's one-line reason or None), and the files are removed."""
+        preempted = self.preempt.exists()
+        reason = None
+        if self.user_error.exists():
+            reason = self.user_error.read_text(encoding="utf-8", errors="replace").strip() or "user error"
+        for f in (self.preempt, self.user_error):
+            f.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
+        return preempted, reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,11 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print(usage, file=sys.stderr)
         return 2
-    marker_dir = Path(tempfile.mkdtemp(prefix="kubetune-supervise-"))
-    marker = marker_dir / "preempted"
-    env = dict(os.environ)
-    env[ENV_PREEMPT_MARKER] = str(marker)
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(_grace_seconds(args) + 10))
+    markers = Markers()
+    env = markers.child_env(args, dict(os.environ))
     # Workers restarted by torchrun --max-restarts often failed to connect gloo ("connectFullMesh
     # failed ... Connection refused": stale addresses in the rendezvous store the agent shares with
     # its workers) and could then hang; with a fresh store per worker group (hosted by rank 0 at
@@ -91,16 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(s, forward)
     status = _wait(child.pid)
     child.returncode = status
-    preempted = marker.exists()
-    try:
-        marker.unlink(missing_ok=True)
-        marker_dir.rmdir()
-    except OSError:
-        pass
-    code = exit_status(status, preempted)
-    if got or preempted:
+    preempted, user_error = markers.read()
+    code = exit_status(status, preempted, user_error is not None)
+    if got or preempted or (user_error and status):
         print(
             f"kubetune supervise: {args[0]} exited {status}"
+            + (f"; user error: {user_error}" if user_error and status else "")
             + ("; a preemption checkpoint was committed" if preempted else "")
             + f"; exit {code}",
             file=sys.stderr,
