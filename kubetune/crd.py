@@ -177,6 +177,11 @@ def build_crd() -> dict[str, Any]:
                             "description": "A fine-tuning job: model, data, method and how to run it. "
                             "The kubetune operator runs it as a gang of torchrun pods.",
                             "required": ["spec"],
+                            # Only a root rule can see metadata.name; no fieldPath, as metadata has no
+                            # declared properties for it to point at (the message names the field).
+                            "x-kubernetes-validations": [
+                                {"rule": s.JOB_NAME_CEL, "message": s.JOB_NAME_MESSAGE}
+                            ],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

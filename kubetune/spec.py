@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kubetune.uris import CRD_PATTERN, parse_uri
+from kubetune.uris import CRD_PATTERN, DOT_DOT_CEL, DOT_DOT_MESSAGE, parse_uri
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -33,7 +33,11 @@ class _Model(BaseModel):
 
 
 def _uri_field(description: str, **kw: Any) -> Any:
-    return Field(description=description, json_schema_extra={"pattern": CRD_PATTERN}, **kw)
+    extra = {
+        "pattern": CRD_PATTERN,
+        "x-kubernetes-validations": [{"rule": DOT_DOT_CEL, "message": DOT_DOT_MESSAGE}],
+    }
+    return Field(description=description, json_schema_extra=extra, **kw)
 
 
 def _check_uri(value: str | None) -> str | None:
@@ -256,9 +260,10 @@ class Training(_Model):
 
 
 class ParallelConfig(_Model):
-    nnodes: int = Field(1, ge=1, description="Nodes (pods) in the gang.")
+    # Upper bounds keep a typo (nnodes: 1000000000) from becoming that many pods at admission.
+    nnodes: int = Field(1, ge=1, le=512, description="Nodes (pods) in the gang, at most 512.")
     nproc_per_node: int | None = Field(
-        None, ge=1, description="Processes per node; default: GPUs per node, or 1 on CPU."
+        None, ge=1, le=64, description="Processes per node, at most 64; default: GPUs per node, or 1 on CPU."
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
@@ -272,6 +277,26 @@ class ParallelConfig(_Model):
     )
 
 
+def _is_quantity(v: str) -> str:
+    import re
+
+    if not re.fullmatch(r"(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", v):
+        raise ValueError(f"is not a Kubernetes quantity such as '4', '500m' or '16Gi', got {v!r}")
+    return v
+
+
+class ScratchVolume(_Model):
+    size: str = Field(description="Size of each pod's scratch volume (Kubernetes quantity), e.g. 500Gi.")
+    storage_class: str | None = Field(
+        None, description="StorageClass of the volume; the cluster's default class when omitted."
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        return _is_quantity(v)
+
+
 class Resources(_Model):
     gpus: int = Field(0, ge=0, description="nvidia.com/gpu per node.")
     cpu: str = Field("4", description="CPU request and limit per node (Kubernetes quantity).")
@@ -282,15 +307,22 @@ class Resources(_Model):
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity.")
     priority_class_name: str | None = Field(None, description="Pod priorityClassName.")
     service_account_name: str | None = Field(None, description="Service account of the trainer pods.")
+    scratch_size: str = Field(
+        "100Gi",
+        description="Node-local scratch per pod (/tmp: the downloaded model, local checkpoints, caches): the "
+        "pod's ephemeral-storage request and limit and the scratch emptyDir's sizeLimit, so the scheduler "
+        "places pods where the model fits. Size it to about 2x the model's files plus one checkpoint.",
+    )
+    scratch_volume: ScratchVolume | None = Field(
+        None,
+        description="Scratch on a generic ephemeral volume (a fresh PersistentVolumeClaim per pod, deleted "
+        "with it) instead of the node's ephemeral storage: for models larger than a node's disk.",
+    )
 
-    @field_validator("cpu", "memory", "shm_size")
+    @field_validator("cpu", "memory", "shm_size", "scratch_size")
     @classmethod
     def _quantity(cls, v: str) -> str:
-        import re
-
-        if not re.fullmatch(r"(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", v):
-            raise ValueError(f"is not a Kubernetes quantity such as '4', '500m' or '16Gi', got {v!r}")
-        return v
+        return _is_quantity(v)
 
 
 _INLINE_SECRET_KEYS = {
@@ -299,9 +331,23 @@ _INLINE_SECRET_KEYS = {
 }  # fmt: skip
 
 
+_ENDPOINT_SCHEME_MESSAGE = "must be an http:// or https:// URL"
+# The endpoint is copied into the ConfigMap and the pods' env, so user:password@ there would publish it.
+_ENDPOINT_USERINFO_MESSAGE = (
+    "must not hold credentials (user:password@host); store them in a Secret and set credentials_secret"
+)
+
+
 class S3Storage(_Model):
     endpoint: str | None = Field(
-        None, description="S3 endpoint URL for MinIO, SeaweedFS, Ceph RGW ...; empty for AWS."
+        None,
+        description="S3 endpoint URL for MinIO, SeaweedFS, Ceph RGW ...; empty for AWS.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.matches('^https?://')", "message": _ENDPOINT_SCHEME_MESSAGE},
+                {"rule": "!self.matches('^[^/]*//[^/?#]*@')", "message": _ENDPOINT_USERINFO_MESSAGE},
+            ]
+        },
     )
     region: str = Field("us-east-1", description="S3 region.")
     credentials_secret: str | None = Field(
@@ -325,8 +371,14 @@ class S3Storage(_Model):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        if v is None:
+            return v
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"{_ENDPOINT_SCHEME_MESSAGE}, got {v!r}")
+        from urllib.parse import urlsplit
+
+        if "@" in urlsplit(v).netloc:
+            raise ValueError(_ENDPOINT_USERINFO_MESSAGE)  # the value itself is a secret: not echoed
         return v
 
 
@@ -348,6 +400,13 @@ class Checkpoint(_Model):
         ge=5,
         le=3600,
         description="On SIGTERM (preemption), time allowed to save and commit a checkpoint.",
+    )
+    upload_timeout_seconds: int = Field(
+        900,
+        ge=5,
+        le=86400,
+        description="At the end of training, the one budget for committing the last checkpoint and uploading "
+        "the output while the store is slow or unreachable; then the run fails saying what is not uploaded.",
     )
     on_spec_change: Literal["refuse", "start_over"] = Field(
         "refuse",
@@ -379,7 +438,28 @@ class RestartPolicy(_Model):
     backoff_seconds: int = Field(10, ge=0, description="Wait before the first restart; doubles each restart.")
     max_backoff_seconds: int = Field(300, ge=0, description="Upper bound of the restart wait.")
     unknown_timeout_seconds: int = Field(
-        300, ge=10, description="A pod stuck in phase Unknown this long counts as failed."
+        300,
+        ge=10,
+        description="A pod whose node stopped reporting (Ready False or Unknown for a node reason) this long "
+        "is force-deleted and the gang restarts (NodeLost, not counted against max_restarts).",
+    )
+    pending_timeout_seconds: int = Field(
+        900,
+        ge=0,
+        description="A gang not fully scheduled and started this long after its attempt began is Stalled "
+        "(Unschedulable, WaitingForAdmission, an image error), with an Event; it keeps waiting. 0 disables.",
+    )
+    max_preemptions: int = Field(
+        20,
+        ge=0,
+        description="Uncounted restarts (preemption, eviction by drain, node loss) allowed before the job "
+        "is Failed (TooManyPreemptions).",
+    )
+    progress_timeout_seconds: int = Field(
+        1800,
+        ge=0,
+        description="A Running gang whose training step has not advanced this long is restarted "
+        "(NoProgress, counted). 0 disables.",
     )
 
 
@@ -414,6 +494,18 @@ class FineTuneJobSpec(_Model):
     suspend: bool = Field(
         False,
         description="true: delete the pods and keep checkpoints; false again: resume (Kueue's protocol).",
+    )
+    active_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Wall-clock limit from the first attempt's start: past it the job is Failed "
+        "(DeadlineExceeded) and its pods are deleted. Suspended time counts.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description="Delete the FineTuneJob this long after it Succeeded or Failed (its pods, Service and "
+        "ConfigMaps go with it); outputs and checkpoints in the store stay.",
     )
 
     @model_validator(mode="after")
@@ -627,12 +719,33 @@ class FineTuneJobStatus(BaseModel):
 # ---------------------------------------------------------------- the resource
 
 
+# A job's name is the kubetune.io/job label value on all its objects (at most 63 characters) and the
+# stem of its pods' hostnames and its Service name, which are DNS labels: a dot can never work there,
+# and 63 keeps `-l kubetune.io/job=<name>` exact (naming.py cuts and hashes only the derived names).
+JOB_NAME_MESSAGE = (
+    "metadata.name must be a DNS-1123 label: at most 63 lowercase letters, digits or '-', starting and "
+    "ending with a letter or digit (it names the job's pods, their hostnames and its Service)"
+)
+JOB_NAME_CEL = (
+    "self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')"
+)
+
+
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str
     namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        import re
+
+        if len(v) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", v):
+            raise ValueError(f"{JOB_NAME_MESSAGE.removeprefix('metadata.name ')}, got {v!r}")
+        return v
 
 
 class FineTuneJob(BaseModel):

@@ -14,6 +14,14 @@ _HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # `parse_uri` gives the precise message.
 CRD_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file://.+|pvc://[a-z0-9][-a-z0-9]*/.*|hf://[^/]+/[^/]+|[^:]+)$"
 
+# A `..` segment would leave the claim's mount (pvc://claim/../../etc), the cache directory an s3 key
+# or hub id is fetched into, or the bucket prefix; a pattern without look-ahead cannot say "no `..`",
+# so the CRD checks it in CEL, with the message `parse_uri` gives.
+DOT_DOT_MESSAGE = (
+    "must not contain '..' path segments (a URI cannot point above its bucket, claim or directory)"
+)
+DOT_DOT_CEL = "!self.matches('(^|/)[.][.](/|$)')"
+
 
 @dataclass(frozen=True)
 class Uri:
@@ -44,6 +52,8 @@ def parse_uri(text: str) -> Uri:
             "must be a non-empty URI (s3://bucket/key, file:///path, pvc://claim/path, hf://org/name)"
         )
     text = text.strip()
+    if ".." in text.split("/"):
+        raise ValueError(f"{DOT_DOT_MESSAGE}, got {text!r}")
     if "://" not in text:
         if re.match(r"^[A-Za-z][\w+.-]*:", text) and not re.match(r"^[A-Za-z]:[\\/]", text):
             raise ValueError(f"unsupported URI {text!r}; use s3://, file://, pvc://, hf:// or a path")

@@ -272,9 +272,11 @@ def prune(node: dict, value: Any, path: str, unknown: list[str]) -> Any:
 def _cel_problems(schema: dict, obj: dict, old: dict | None) -> list[str]:
     """CEL rule failures. On update only changed top-level fields are evaluated: the API server's
     validation ratcheting ignores failures on unchanged values, and cel-python is slow (~1 ms a rule)."""
-    if old is None or schema.get("x-kubernetes-validations"):
+    if old is None:
         return crd_admission.cel_errors(obj, old, schema)
-    out = []
+    # The root's own rules (metadata.name) every time, without descending: the fields follow.
+    root = {"x-kubernetes-validations": schema.get("x-kubernetes-validations", [])}
+    out = crd_admission.cel_errors(obj, old, root)
     for key, node in (schema.get("properties") or {}).items():
         if key in obj and obj[key] != old.get(key):
             out += crd_admission.cel_errors(obj[key], old.get(key), node, f".{key}")

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune import spec as s
 from kubetune.crd import render_crd_yaml
 from kubetune.validate import SpecError, load_jobs_text, load_yaml_documents
 from tests import crd_admission as api
@@ -113,8 +114,8 @@ def test_schema_rejects_bad_field_too(case: str, path: str, value: Any, field: s
     assert python_rejects
     # The CRD catches what a schema can say; URIs and regexes beyond its pattern are the CLI's job.
     beyond_schema = {"target-modules-bad-regex", "inline-secret-key", "inline-access-key", "hf-no-org",
-                     "s3-endpoint-no-scheme", "memory-not-quantity", "pvc-bad-claim", "target-modules-empty-list",
-                     "model-uri-http"}  # fmt: skip
+                     "memory-not-quantity", "pvc-bad-claim", "target-modules-empty-list",
+                     "model-uri-http", "target-modules-backreference"}  # fmt: skip
     if case not in beyond_schema:
         assert problems, f"{case}: the API server would accept it"
 
@@ -151,3 +152,81 @@ def test_target_modules_accepts_string_or_list_only() -> None:
     for value, ok in [("all-linear", True), (["q_proj", "v_proj"], True), (["q_proj", 3], False), (7, False)]:
         _, problems = api.admit(_set(BASE, "spec.pet_config.target_modules", value))
         assert (problems == []) is ok, (value, problems)
+
+
+# Per-field CEL rules of hostile inputs: the API server says what `kubetune validate` says.
+HOSTILE_CEL_CASES = [
+    c
+    for c in BAD_FIELDS
+    if "'..' path segments" in c[4] or c[0].startswith(("s3-endpoint-with", "s3-endpoint-no"))
+]
+
+
+@pytest.mark.parametrize(
+    "case,path,value,field,words", HOSTILE_CEL_CASES, ids=[c[0] for c in HOSTILE_CEL_CASES]
+)
+def test_field_rules_say_what_validate_says(case: str, path: str, value: Any, field: str, words: str) -> None:
+    doc = _set(BASE, path, value)
+    _, problems = api.admit(doc)
+    with pytest.raises(SpecError) as e:
+        load_jobs_text(yaml.safe_dump(doc))
+    (python,) = [f"{p.path}: {p.message}" for p in e.value.problems]
+    (cel,) = problems
+    assert python.startswith(cel) and words in cel, (python, cel)
+
+
+BAD_NAMES = ["qwen2.5-lora", "j" * 64, "lora-", "-lora", "Lora", "lora_7b", "a" * 253]
+GOOD_NAMES = ["a", "7b-lora", "j" * 63, "qwen25-7b-lora"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES + GOOD_NAMES, ids=[n[:20] for n in BAD_NAMES + GOOD_NAMES])
+def test_job_names_are_checked_at_admission_like_validate(name: str) -> None:
+    doc = _set(BASE, "metadata.name", name)
+    _, problems = api.admit(doc)
+    try:
+        load_jobs_text(yaml.safe_dump(doc))
+        python: list[str] = []
+    except SpecError as e:
+        python = [f"{p.path}: {p.message}" for p in e.problems]
+    if name in GOOD_NAMES:
+        assert problems == python == []
+    else:
+        (cel,) = problems
+        (line,) = python
+        assert cel == f": {s.JOB_NAME_MESSAGE}"
+        assert line.replace("metadata.name: ", "metadata.name ", 1).startswith(s.JOB_NAME_MESSAGE)
+
+
+@pytest.fixture(scope="module")
+def api_server() -> Any:
+    from tests.fixtures_kube import CRD
+    from tests.kube_api import RunningAPI
+
+    with RunningAPI() as running:
+        running.api.install_crd(CRD)
+        yield running
+
+
+@pytest.mark.parametrize(
+    "name,patch,words",
+    [
+        ("qwen2.5-lora", {}, "metadata.name must be a DNS-1123 label"),
+        ("j" * 64, {}, "metadata.name must be a DNS-1123 label"),
+        ("huge", {"parallel_config": {"nnodes": 1000000000}}, "spec.parallel_config.nnodes in body should be less than or equal to 512"),
+        ("procs", {"parallel_config": {"nproc_per_node": 65}}, "less than or equal to 64"),
+        ("escape", {"model": {"uri": "pvc://claim/../../etc"}}, "spec.model.uri: Invalid value: \"string\": must not contain '..'"),
+        ("creds", {"storage": {"s3": {"endpoint": "http://KEY:SECRET@minio:9000"}}}, "spec.storage.s3.endpoint: Invalid value: \"string\": must not hold credentials"),
+    ],
+    ids=["dotted-name", "long-name", "nnodes", "nproc", "dot-dot", "endpoint-userinfo"],
+)  # fmt: skip
+def test_the_api_server_refuses_hostile_jobs(api_server: Any, name: str, patch: dict, words: str) -> None:
+    import requests
+
+    doc = copy.deepcopy(BASE)
+    doc["metadata"] = {"name": name, "namespace": "default"}
+    doc["spec"].update(patch)
+    r = requests.post(
+        f"{api_server.url}/apis/kubetune.io/v1alpha1/namespaces/default/finetunejobs", json=doc, timeout=10
+    )
+    assert r.status_code == 422, r.text
+    assert words in r.json()["message"], r.json()["message"]

@@ -106,6 +106,18 @@ BAD_FIELDS = [
     ("model-is-string", "spec.model", "s3://models/qwen", "spec.model", "must be a mapping"),
     ("mix-ratio-one", "spec.dataset.mix", [{"uri": "s3://data/x.json", "ratio": 1.0}], "spec.dataset.mix[0].ratio", "must be < 1"),
     ("pull-policy", "spec.image_pull_policy", "Sometimes", "spec.image_pull_policy", "must be one of"),
+    # hostile specs: each must be refused, naming the field
+    ("pvc-escapes-claim", "spec.model.uri", "pvc://claim/../../etc", "spec.model.uri", "must not contain '..' path segments"),
+    ("pvc-escapes-claim-at-end", "spec.output.uri", "pvc://claim/runs/../..", "spec.output.uri", "'..' path segments"),
+    ("s3-key-escapes-prefix", "spec.checkpoint.uri", "s3://runs/job/../../other", "spec.checkpoint.uri", "'..' path segments"),
+    ("path-escapes-directory", "spec.dataset.uri", "../../etc/passwd", "spec.dataset.uri", "'..' path segments"),
+    ("file-uri-escapes", "spec.model.tokenizer_uri", "file:///models/../etc", "spec.model.tokenizer_uri", "'..' path segments"),
+    ("hf-id-escapes-cache", "spec.model.adapter_uri", "hf://org/..", "spec.model.adapter_uri", "'..' path segments"),
+    ("mix-uri-escapes", "spec.dataset.mix", [{"uri": "pvc://data/a/../../../x", "ratio": 0.5}], "spec.dataset.mix[0].uri", "'..' path segments"),
+    ("s3-endpoint-with-credentials", "spec.storage.s3", {"endpoint": "http://KEY:SECRET@minio:9000"}, "spec.storage.s3.endpoint", "must not hold credentials"),
+    ("s3-endpoint-with-user", "spec.storage.s3", {"endpoint": "https://AKIAEXAMPLE@s3.example.com/"}, "spec.storage.s3.endpoint", "credentials_secret"),
+    ("nnodes-a-billion", "spec.parallel_config.nnodes", 1000000000, "spec.parallel_config.nnodes", "must be <= 512, got 1000000000"),
+    ("nproc-per-node-too-many", "spec.parallel_config.nproc_per_node", 65, "spec.parallel_config.nproc_per_node", "must be <= 64, got 65"),
 ]  # fmt: skip
 
 # Cross-field rules: (case id, spec patch, expected field path, expected words)
@@ -135,6 +147,9 @@ BAD_DOCUMENTS = [
     ("wrong-kind", "apiVersion: batch/v1\nkind: Job\nmetadata: {name: x}\n", "not a FineTuneJob"),
     ("wrong-version", yaml.safe_dump({**BASE, "apiVersion": "kubetune.io/v2"}), "not a FineTuneJob"),
     ("bad-name", yaml.safe_dump({**BASE, "metadata": {"name": "Bad_Name"}}), "metadata.name"),
+    ("name-with-a-dot", yaml.safe_dump({**BASE, "metadata": {"name": "qwen2.5-lora"}}), "metadata.name: must be a DNS-1123 label"),
+    ("name-too-long", yaml.safe_dump({**BASE, "metadata": {"name": "j" * 64}}), "metadata.name: must be a DNS-1123 label: at most 63"),
+    ("name-ends-with-dash", yaml.safe_dump({**BASE, "metadata": {"name": "lora-"}}), "metadata.name: must be a DNS-1123 label"),
     ("no-spec", yaml.safe_dump({k: v for k, v in BASE.items() if k != "spec"}), "spec: required field is missing"),
 ]  # fmt: skip
 
