@@ -90,12 +90,27 @@ def _status(args: argparse.Namespace) -> int:
     return print_status(load_job(args.file))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kubetune")
+    except PackageNotFoundError:  # a source tree without an install
+        return "unknown"
+
+
+JOB_FILE_HELP = "a FineTuneJob YAML file"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"kubetune {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check FineTuneJob YAML files")
-    p.add_argument("files", nargs="+")
+    p.add_argument(
+        "files", nargs="+", metavar="FILE", help="FineTuneJob YAML files (several jobs per file allowed)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     p.add_argument("--no-data", action="store_true", help="do not read local dataset files")
     p.set_defaults(func=_validate)
@@ -104,31 +119,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_crd)
 
     p = sub.add_parser("render", help="print the Kubernetes objects the operator creates for a job")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--attempt", type=int, default=1)
-    p.add_argument("-n", "--namespace", default=None)
+    p.add_argument("files", nargs="+", metavar="FILE", help="FineTuneJob YAML files")
+    p.add_argument("--attempt", type=int, default=1, help="the attempt number to render (default 1)")
+    p.add_argument("-n", "--namespace", default=None, help="namespace of the objects (default the job's)")
     p.set_defaults(func=_render)
 
     p = sub.add_parser("run", help="run a FineTuneJob locally with torchrun (no cluster)")
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help=JOB_FILE_HELP)
     p.add_argument("--nproc-per-node", type=int, default=None, help="default: the spec's, else GPUs or 1")
     p.add_argument("--output", default=None, help="override spec.output.uri")
     p.add_argument("--max-steps", type=int, default=None, help="override spec.training.max_steps")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("inspect-data", help="show rendered training samples with the trained span marked")
-    p.add_argument("file")
-    p.add_argument("-n", "--samples", type=int, default=3)
+    p.add_argument("file", metavar="FILE", help=JOB_FILE_HELP)
+    # no -n: that is the namespace, as in kubectl and `kubetune render`
+    p.add_argument("-s", "--samples", type=int, default=3, help="how many samples to show (default 3)")
     p.set_defaults(func=_inspect_data)
 
     p = sub.add_parser("status", help="print a job's progress.json from its output store")
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help=JOB_FILE_HELP)
     p.set_defaults(func=_status)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # plain `kubetune`: what it can do, not an error
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except SpecError as e:

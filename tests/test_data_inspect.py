@@ -90,7 +90,7 @@ def test_cli_inspect_data_loads_the_models_tokenizer(
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    assert main(["inspect-data", str(path), "-n", "2"]) == 0
+    assert main(["inspect-data", str(path), "--samples", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("== sample") == 2 and "You are Kubi." in out and "[[" in out
     assert "samples              200" in out and "packing efficiency" in out
