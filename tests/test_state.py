@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from kubetune.conventions import EXIT_PREEMPTED, LABEL_ATTEMPT, LABEL_RANK
+from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR, LABEL_ATTEMPT, LABEL_RANK
 from kubetune.spec import FineTuneJobSpec
 from kubetune_operator import state
 from kubetune_operator.state import PodObs
@@ -89,7 +89,7 @@ def test_every_pod_phase_combination(p0: str, p1: str, before: str) -> None:
         if phase == "Failed":
             return failed(rank)
         if phase == "Unknown":
-            return pod(rank, "Unknown", unknown_since=NOW - dt.timedelta(seconds=5))
+            return pod(rank, "Unknown", node_down_since=NOW - dt.timedelta(seconds=5))
         return pod(rank, phase, exit_code=0 if phase == "Succeeded" else None)
 
     d = decide({"phase": before, "attempt": 1}, [make(0, p0), make(1, p1)])
@@ -109,14 +109,16 @@ EXIT_CLASSES = [
     (1, "Error", None, True, "PodFailed"),
     (2, "Error", None, True, "PodFailed"),
     (255, "Error", None, True, "PodFailed"),
-    (137, "OOMKilled", None, True, "PodFailed"),
+    (137, "OOMKilled", None, True, "OOMKilled"),  # counted, with a hint
     (137, "Error", None, True, "PodFailed"),  # SIGKILL: a crash
     (None, "StartError", None, True, "PodFailed"),  # never started
     (EXIT_PREEMPTED, "Error", None, False, "Preempted"),
     (143, "Error", None, False, "Terminated"),  # SIGTERM from outside
-    (137, "Evicted", None, False, "Evicted"),  # kubelet eviction (node pressure)
-    (137, "Error", "PreemptionByScheduler", False, "Evicted"),
-    (1, "Error", "DeletionByTaintManager", False, "Evicted"),
+    (137, "Evicted", "TerminationByKubelet", True, "Evicted"),  # node pressure the job caused: counted
+    (137, "Evicted", None, True, "Evicted"),  # the same on clusters without DisruptionTarget
+    (143, "Terminated", "TerminationByKubelet", False, "Disrupted"),  # graceful node shutdown
+    (137, "Error", "PreemptionByScheduler", False, "Disrupted"),
+    (1, "Error", "DeletionByTaintManager", False, "Disrupted"),
 ]
 
 
@@ -210,7 +212,7 @@ def test_a_preemption_at_the_limit_still_restarts() -> None:
 
 def test_unknown_pod_gets_the_timeout_then_the_gang_restarts_without_counting() -> None:
     s = spec(unknown_timeout_seconds=300)
-    lost = pod(1, "Unknown", unknown_since=NOW - dt.timedelta(seconds=100))
+    lost = pod(1, "Unknown", node_down_since=NOW - dt.timedelta(seconds=100))
     d = decide(running(), [pod(0), lost], s=s)
     assert (
         d.status["phase"] == "Running" and not d.delete_pods and "not reporting since" in d.status["message"]
@@ -222,7 +224,7 @@ def test_unknown_pod_gets_the_timeout_then_the_gang_restarts_without_counting() 
 
 def test_lost_pods_are_force_deleted_while_waiting_for_them() -> None:
     s = spec(unknown_timeout_seconds=60)
-    lost = pod(1, "Unknown", terminating=True, unknown_since=NOW - dt.timedelta(seconds=120))
+    lost = pod(1, "Unknown", terminating=True, node_down_since=NOW - dt.timedelta(seconds=120))
     d = decide({"phase": "Restarting", "attempt": 1}, [lost], s=s)
     assert d.force_delete_pods == ["job-a1-r1"] and d.create_attempt is None
 
@@ -320,7 +322,7 @@ def test_conditions_are_kstatus_shaped_and_keep_their_transition_time() -> None:
     assert d.status["phase"] == "Running" and d.status["observedGeneration"] == 4
     assert {c["type"]: c["status"] for c in d.status["conditions"]} == {
         "Ready": "True", "Reconciling": "False", "Stalled": "False", "Running": "True",
-        "Succeeded": "False", "Failed": "False", "Suspended": "False",
+        "Succeeded": "False", "Failed": "False", "Suspended": "False", "ChangesPending": "False",
     }  # fmt: skip
     assert all(c["observedGeneration"] == 4 and c["lastTransitionTime"] for c in d.status["conditions"])
     later = decide(d.status, [pod(0), pod(1)], now=NOW + dt.timedelta(minutes=5), generation=4)
@@ -338,10 +340,10 @@ def test_observe_pod_reads_what_the_kubelet_reports() -> None:
                                   {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]},
     })  # fmt: skip
     assert (p.attempt, p.rank, p.phase, p.exit_code, p.reason) == (3, 1, "Failed", 137, "OOMKilled")
-    assert p.terminating and p.disrupted == "PreemptionByScheduler" and p.unknown_since is None
+    assert p.terminating and p.disrupted == "PreemptionByScheduler" and p.node_down_since is None
     u = state.observe_pod({"metadata": {"name": "x"}, "status": {"phase": "Running", "conditions": [
         {"type": "Ready", "status": "Unknown", "lastTransitionTime": "2026-11-23T11:00:00Z"}]}})  # fmt: skip
-    assert u.unknown_since == NOW - dt.timedelta(hours=1)
+    assert u.node_down_since == NOW - dt.timedelta(hours=1)
     w = state.observe_pod({"metadata": {"name": "x"}, "status": {"phase": "Pending", "containerStatuses": [
         {"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}})  # fmt: skip
     assert w.waiting_reason == "ImagePullBackOff"
@@ -360,3 +362,191 @@ def test_progress_status_from_progress_json() -> None:
 def test_invalid_spec_fails_the_job() -> None:
     d = state.invalid_spec({"phase": "Running", "attempt": 1}, 2, NOW, "spec.x: bad")
     assert d.status["phase"] == "Failed" and cond(d, "Failed")["reason"] == "InvalidSpec"
+
+
+# ---------------------------------------------------------------- what real clusters do
+
+
+def later(seconds: float) -> dt.datetime:
+    return NOW + dt.timedelta(seconds=seconds)
+
+
+def test_a_pod_on_a_node_gone_not_ready_is_read_as_node_down() -> None:
+    """The node lifecycle controller flips Ready to False and leaves the phase Running."""
+    p = state.observe_pod({"metadata": {"name": "x"}, "status": {"phase": "Running", "conditions": [
+        {"type": "ContainersReady", "status": "True"},
+        {"type": "Ready", "status": "False", "reason": "NodeNotReady", "lastTransitionTime": "2026-11-23T11:59:00Z"}]}})  # fmt: skip
+    assert p.phase == "Running" and p.node_down_since == NOW - dt.timedelta(minutes=1)
+    finished = state.observe_pod({"metadata": {"name": "x"}, "status": {"phase": "Running", "conditions": [
+        {"type": "ContainersReady", "status": "False"}, {"type": "Ready", "status": "False"}]}})  # fmt: skip
+    assert finished.node_down_since is None  # the kubelet itself says the container is not ready
+
+
+def test_a_not_ready_node_restarts_the_gang_after_the_timeout_and_force_deletes_its_pod() -> None:
+    s = spec(unknown_timeout_seconds=60)
+    gone = pod(1, node_down_since=NOW - dt.timedelta(seconds=30))
+    d = decide(running(), [pod(0), gone], s=s)
+    assert d.status["phase"] == "Running" and not d.force_delete_pods
+    d = decide(running(), [pod(0), gone], s=s, now=later(30))
+    assert d.status["phase"] == "Restarting" and d.restart_reason == "NodeLost"
+    assert (d.status["restarts"], d.status["preemptions"]) == (0, 1)
+    assert d.force_delete_pods == ["job-a1-r1"] and d.delete_pods == ["job-a1-r0"]
+
+
+def test_a_pod_terminating_past_its_grace_is_force_deleted() -> None:
+    """Deleted by the taint manager (or anyone) on a node whose kubelet is gone: Terminating for ever."""
+    due = NOW + dt.timedelta(seconds=40)  # deletionTimestamp: the end of the grace period
+    stuck = pod(1, terminating=True, deletion_due=due, disrupted="DeletionByTaintManager")
+    waiting = {"phase": "Restarting", "attempt": 1, "restarts": 0, "preemptions": 1}
+    assert not decide(waiting, [stuck], now=later(40)).force_delete_pods  # still within its grace
+    d = decide(waiting, [stuck], now=later(40 + state.FORCE_DELETE_MARGIN_SECONDS))
+    assert d.force_delete_pods == ["job-a1-r1"] and d.create_attempt is None
+    assert decide(waiting, [], now=later(60)).create_attempt == 2  # once it is gone, the next attempt
+
+
+def test_the_trainers_user_error_fails_the_job_at_once_with_its_message() -> None:
+    bad = failed(0, EXIT_USER_ERROR, "Error", message="spec.dataset.uri: s3://data/a.json: no such object")
+    d = decide(running(), [bad, pod(1)])
+    assert d.status["phase"] == "Failed" and d.status["restarts"] == 0 and d.create_attempt is None
+    assert cond(d, "Failed")["reason"] == "UserError"
+    assert d.status["message"].startswith("spec.dataset.uri: s3://data/a.json: no such object")
+    assert d.delete_pods == ["job-a1-r1"]  # its peer goes; the failed pod stays for its logs
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "UserError")]
+
+
+def test_an_oom_kill_is_counted_with_a_hint() -> None:
+    d = decide(running(), [failed(1, 137, "OOMKilled"), pod(0)])
+    assert d.restart_reason == "OOMKilled" and d.status["restarts"] == 1
+    assert "per_device_train_batch_size" in d.status["message"] and "resources.memory" in d.status["message"]
+
+
+def test_a_kubelet_eviction_for_disk_pressure_is_counted_and_names_scratch_size() -> None:
+    evicted = failed(0, 137, "Evicted", disrupted="TerminationByKubelet",
+                     message="The node was low on resource: ephemeral-storage.")  # fmt: skip
+    d = decide(running(), [evicted, pod(1)])
+    assert d.restart_reason == "Evicted" and d.status["restarts"] == 1
+    assert "resources.scratch_size" in d.status["message"]
+
+
+def test_uncounted_restarts_are_capped_by_max_preemptions() -> None:
+    s = spec(max_preemptions=2)
+    assert (
+        decide(running(preemptions=1), [failed(0, EXIT_PREEMPTED), pod(1)], s=s).status["phase"]
+        == "Restarting"
+    )
+    d = decide(running(preemptions=2), [failed(0, EXIT_PREEMPTED), pod(1)], s=s)
+    assert d.status["phase"] == "Failed" and cond(d, "Failed")["reason"] == "TooManyPreemptions"
+    assert "max_preemptions=2" in d.status["message"]
+
+
+def pending(waited: float, **kw: object) -> dict:
+    began = NOW - dt.timedelta(seconds=waited)
+    return {"phase": "Pending", "attempt": 1, "attempt_start_time": state.iso(began), **kw}
+
+
+@pytest.mark.parametrize(
+    ("gang", "reason", "words"),
+    [
+        ([pod(0, "Pending", gated=True), pod(1, "Pending", gated=True)], "WaitingForAdmission", "Kueue"),
+        ([pod(0), pod(1, "Pending", unschedulable="0/4 nodes are available: 4 Insufficient nvidia.com/gpu.")],
+         "Unschedulable", "Insufficient nvidia.com/gpu"),
+        ([pod(0), pod(1, "Pending", waiting_reason="ContainerCreating")], "PendingTimeout", "not all pods running"),
+    ],
+)  # fmt: skip
+def test_a_gang_not_started_by_the_pending_timeout_is_stalled_with_the_reason(
+    gang: list[PodObs], reason: str, words: str
+) -> None:
+    s = spec(pending_timeout_seconds=900)
+    d = decide(pending(899), gang, s=s)
+    assert cond(d, "Stalled")["status"] == "False" and cond(d, "Reconciling")["status"] == "True"
+    if reason != "PendingTimeout":
+        assert cond(d, "Reconciling")["reason"] == reason and words in d.status["message"]
+    d = decide(pending(900), gang, s=s)
+    assert d.status["phase"] == "Pending" and not d.delete_pods  # it keeps waiting, but says so
+    stalled = cond(d, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == reason and words in stalled["message"]
+    assert "pending_timeout_seconds=900" in stalled["message"] and cond(d, "Reconciling")["status"] == "False"
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "Stalled")]
+    again = decide(d.status, gang, s=s, now=later(5))
+    assert not again.events  # one event per stall
+
+
+def test_past_the_active_deadline_the_job_fails_and_its_pods_go() -> None:
+    s = spec()
+    s.active_deadline_seconds = 3600
+    status = running(start_time=state.iso(NOW - dt.timedelta(hours=2)),
+                     active_since=state.iso(NOW - dt.timedelta(seconds=3599)))  # fmt: skip
+    assert decide(status, [pod(0), pod(1)], s=s).status["phase"] == "Running"  # resumed 3599 s ago
+    d = decide(status, [pod(0), pod(1)], s=s, now=later(1))
+    assert d.status["phase"] == "Failed" and cond(d, "Failed")["reason"] == "DeadlineExceeded"
+    assert d.delete_pods == ["job-a1-r0", "job-a1-r1"]
+    resumed = decide(
+        {"phase": "Suspended", "attempt": 1, "active_since": status["active_since"]}, [], s=s, now=later(10)
+    )
+    assert resumed.status["active_since"] == state.iso(later(10))  # the clock restarts on resume
+
+
+def test_a_gang_that_stops_making_progress_is_restarted_counted() -> None:
+    s = spec(progress_timeout_seconds=600)
+    status = running(attempt_start_time=state.iso(NOW - dt.timedelta(hours=1)),
+                     progress_advanced_at=state.iso(NOW - dt.timedelta(seconds=599)), progress={"step": 40})  # fmt: skip
+    assert decide(status, [pod(0), pod(1)], s=s).status["phase"] == "Running"
+    d = decide(status, [pod(0), pod(1)], s=s, now=later(1))
+    assert (
+        d.status["phase"] == "Restarting" and d.restart_reason == "NoProgress" and d.status["restarts"] == 1
+    )
+    assert "step 40" in d.status["message"] and "progress_timeout_seconds=600" in d.status["message"]
+    s.restart_policy.progress_timeout_seconds = 0  # disabled
+    assert decide(status, [pod(0), pod(1)], s=s, now=later(10**6)).status["phase"] == "Running"
+
+
+def edited(image: str = "registry.example/trainer:0.2") -> FineTuneJobSpec:
+    s = spec()
+    s.image = image
+    return s
+
+
+def test_a_spec_edit_while_the_gang_is_starting_replaces_it_uncounted() -> None:
+    applied = state.spec_digests(spec())
+    d = decide(pending(10, applied_spec=applied), [pod(0), pod(1, "Pending", waiting_reason="ImagePullBackOff")],
+               s=edited())  # fmt: skip
+    assert d.status["phase"] == "Restarting" and d.restart_reason == "SpecChanged"
+    assert (d.status["restarts"], d.status["preemptions"]) == (0, 0) and "spec.image" in d.status["message"]
+    assert d.delete_pods == ["job-a1-r0", "job-a1-r1"]
+    nxt = decide(d.status, [], s=edited())
+    assert nxt.create_attempt == 2 and nxt.status["applied_spec"] == state.spec_digests(edited())
+
+
+def test_a_spec_edit_while_running_waits_for_the_next_attempt_and_says_so() -> None:
+    applied = state.spec_digests(spec())
+    d = decide(running(applied_spec=applied), [pod(0), pod(1)], s=edited(), generation=3)
+    assert d.status["phase"] == "Running" and not d.delete_pods and d.status["observedGeneration"] == 3
+    pending_cond = cond(d, "ChangesPending")
+    assert pending_cond["status"] == "True" and "spec.image" in pending_cond["message"]
+    assert "next attempt" in pending_cond["message"] and d.status["pending_changes"] == ["image"]
+    restarted = decide(d.status, [failed(0, EXIT_PREEMPTED), pod(1)], s=edited())
+    nxt = decide(restarted.status, [], s=edited(), now=later(600))
+    assert nxt.create_attempt == 2 and cond(nxt, "ChangesPending")["status"] == "False"
+
+
+def test_after_success_the_other_ranks_get_a_grace_then_go() -> None:
+    done = {"phase": "Succeeded", "attempt": 1, "completion_time": state.iso(NOW)}
+    gang = [pod(0, "Succeeded", exit_code=0), pod(1)]
+    assert not decide(done, gang, now=later(state.SUCCESS_GRACE_SECONDS - 1)).delete_pods
+    assert decide(done, gang, now=later(state.SUCCESS_GRACE_SECONDS)).delete_pods == ["job-a1-r1"]
+
+
+def test_a_finished_job_is_deleted_after_its_ttl() -> None:
+    s = spec()
+    s.ttl_seconds_after_finished = 3600
+    done = {"phase": "Failed", "attempt": 1, "completion_time": state.iso(NOW)}
+    assert not decide(done, [], s=s, now=later(3599)).delete_job
+    assert decide(done, [], s=s, now=later(3600)).delete_job
+    assert not decide(done, [], now=later(10**6)).delete_job  # no ttl: kept
+
+
+def test_a_gated_pod_is_read_as_waiting_for_admission() -> None:
+    p = state.observe_pod({"metadata": {"name": "x"}, "spec": {"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]},
+                           "status": {"phase": "Pending", "conditions": [
+                               {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}]}})  # fmt: skip
+    assert p.gated and p.unschedulable is None

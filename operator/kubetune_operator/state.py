@@ -41,16 +41,22 @@ Running or Succeeded. Running, Succeeded, Failed and Suspended mirror the phase,
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.conventions import EXIT_PREEMPTED, LABEL_ATTEMPT, LABEL_RANK
+from pydantic import BaseModel
+
+from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR, LABEL_ATTEMPT, LABEL_RANK
 from kubetune.spec import FineTuneJobSpec
 
 PENDING, RUNNING, RESTARTING = "Pending", "Running", "Restarting"
 SUCCEEDED, FAILED, SUSPENDED = "Succeeded", "Failed", "Suspended"
 TERMINAL = (SUCCEEDED, FAILED)
-CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Running", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = (
+    "Ready", "Reconciling", "Stalled", "Running", "Succeeded", "Failed", "Suspended", "ChangesPending",
+)  # fmt: skip
 
 EXIT_SIGTERM = 128 + 15  # a process killed by SIGTERM that did not handle it
 # Container waiting reasons that will not go away by waiting: the job is Stalled until someone acts.
@@ -58,8 +64,22 @@ STUCK_WAITING = {
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
     "CreateContainerError", "RunContainerError",
 }  # fmt: skip
-# Pod conditions/reasons that say the pod was taken away, not that the training failed.
-DISRUPTION_REASONS = {"Evicted", "Preempting", "NodeLost", "NodeShutdown", "Terminated", "Shutdown"}
+# Pod reasons that say the pod was taken away, not that the training failed (graceful node shutdown,
+# old node controllers). A kubelet eviction for node pressure (reason Evicted) is a failure: the job's
+# own disk or memory use caused it, and restarting it uncounted would loop for ever.
+DISRUPTION_REASONS = {"Preempting", "NodeLost", "NodeShutdown", "Terminated", "Shutdown"}
+# Ready-condition reasons the node lifecycle controller sets when a node stops reporting.
+NODE_DOWN_REASONS = {"NodeNotReady", "NodeStatusUnknown", "NodeLost", "NodeUnreachable"}
+# A pod still Terminating this long after its deletionTimestamp has no kubelet to finish it.
+FORCE_DELETE_MARGIN_SECONDS = 10
+# After Succeeded, ranks still running this long are deleted (they hold GPUs and a Kueue pod group).
+SUCCESS_GRACE_SECONDS = 30
+# Spec fields that shape the pods: an edit reaches pods only through a new attempt.
+POD_FIELDS = ("image", "image_pull_policy", "resources", "storage")
+OOM_HINT = (
+    "lower training.per_device_train_batch_size, set training.gradient_checkpointing: true, "
+    "or raise resources.memory"
+)
 
 
 def iso(t: dt.datetime) -> str:
@@ -89,8 +109,12 @@ class PodObs:
     waiting_reason: str | None = None  # ImagePullBackOff, ContainerCreating, ...
     unschedulable: str | None = None  # the scheduler's message while unschedulable
     terminating: bool = False  # deletionTimestamp set
+    deletion_due: dt.datetime | None = None  # deletionTimestamp: when the grace period ends
     disrupted: str | None = None  # DisruptionTarget condition reason (eviction, preemption, node loss)
-    unknown_since: dt.datetime | None = None  # phase or readiness Unknown since (node not reporting)
+    node_down_since: dt.datetime | None = (
+        None  # its node stopped reporting (Ready Unknown, or False for a node reason)
+    )
+    gated: bool = False  # held by scheduling gates (Kueue admission)
 
 
 def observe_pod(pod: dict[str, Any], container: str = "trainer") -> PodObs:
@@ -106,9 +130,17 @@ def observe_pod(pod: dict[str, Any], container: str = "trainer") -> PodObs:
     ready = conditions.get("Ready") or {}
     scheduled = conditions.get("PodScheduled") or {}
     phase = status.get("phase") or "Pending"
-    unknown_since = None
-    if phase == "Unknown" or ready.get("status") == "Unknown":
-        unknown_since = parse_time(ready.get("lastTransitionTime")) or parse_time(status.get("startTime"))
+    # The node lifecycle controller flips Ready to False (or Unknown) on the pods of a node that stopped
+    # reporting and leaves the phase Running; a kubelet would have marked the container not ready too.
+    containers_ready = (conditions.get("ContainersReady") or {}).get("status") == "True"
+    node_down = phase == "Unknown" or ready.get("status") == "Unknown" or (
+        phase == "Running" and ready.get("status") == "False"
+        and (ready.get("reason") in NODE_DOWN_REASONS or containers_ready)
+    )  # fmt: skip
+    node_down_since = None
+    if node_down:
+        node_down_since = parse_time(ready.get("lastTransitionTime")) or parse_time(status.get("startTime"))
+    spec = pod.get("spec") or {}
     return PodObs(
         name=meta.get("name", ""),
         attempt=int(labels.get(LABEL_ATTEMPT, 0) or 0),
@@ -120,8 +152,10 @@ def observe_pod(pod: dict[str, Any], container: str = "trainer") -> PodObs:
         waiting_reason=waiting.get("reason"),
         unschedulable=scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
         terminating=bool(meta.get("deletionTimestamp")),
+        deletion_due=parse_time(meta.get("deletionTimestamp")),
         disrupted=(disruption.get("reason") or "Disrupted") if disruption.get("status") == "True" else None,
-        unknown_since=unknown_since,
+        node_down_since=node_down_since,
+        gated=bool(spec.get("schedulingGates")) or scheduled.get("reason") == "SchedulingGated",
     )
 
 
@@ -154,6 +188,7 @@ class Decision:
     delete_configs_before: int | None = None  # delete config maps of attempts older than this
     events: list[Event] = field(default_factory=list)
     restart_reason: str | None = None  # set when this decision restarts the gang (for metrics)
+    delete_job: bool = False  # ttl_seconds_after_finished has passed
 
 
 @dataclass(frozen=True)
@@ -163,12 +198,41 @@ class Trouble:
     counted: bool  # counts against max_restarts (a failure), or not (a disruption)
     reason: str  # CamelCase
     message: str
+    fatal: bool = False  # retrying cannot help (a user error): fail at once
 
 
 def backoff_seconds(spec: FineTuneJobSpec, restarts_so_far: int) -> float:
     """Wait before attempt k+1: backoff_seconds * 2**k, capped at max_backoff_seconds."""
     p = spec.restart_policy
     return float(min(p.backoff_seconds * 2 ** min(restarts_so_far, 30), p.max_backoff_seconds))
+
+
+def spec_digests(spec: FineTuneJobSpec) -> dict[str, str]:
+    """A short digest of each pod-shaping field (POD_FIELDS): what an attempt's pods were built from."""
+    out = {}
+    for name in POD_FIELDS:
+        value = getattr(spec, name)
+        data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        out[name] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    return out
+
+
+def _since(now: dt.datetime, then: dt.datetime) -> float:
+    return (now - then).total_seconds()
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _eviction_hint(p: PodObs) -> str:
+    text = p.message or ""
+    if "ephemeral" in text:
+        return "; raise resources.scratch_size (or use resources.scratch_volume)"
+    if "memory" in text:
+        return "; raise resources.memory"
+    return ""
 
 
 def _pod_trouble(p: PodObs, now: dt.datetime, unknown_timeout: float) -> Trouble | None:
@@ -179,26 +243,34 @@ def _pod_trouble(p: PodObs, now: dt.datetime, unknown_timeout: float) -> Trouble
         detail = f"exit code {p.exit_code}" if p.exit_code is not None else "no exit code"
         if p.reason:
             detail += f", {p.reason}"
+        if p.exit_code == EXIT_USER_ERROR:  # the trainer's one-line reason is the termination message
+            return Trouble(
+                True, "UserError", _last_line(p.message) or f"{who} reported a user error", fatal=True
+            )
         if p.message:
             detail += f": {p.message.strip()[:200]}"
+        if p.reason == "Evicted":  # the kubelet, for node pressure the job itself caused
+            return Trouble(True, "Evicted", f"{who} was evicted by its node ({detail}){_eviction_hint(p)}")
+        if p.reason == "OOMKilled":
+            return Trouble(True, "OOMKilled", f"{who} ran out of memory ({detail}); {OOM_HINT}")
         if p.disrupted or p.reason in DISRUPTION_REASONS:
-            return Trouble(False, "Evicted", f"{who} was evicted ({p.disrupted or p.reason}; {detail})")
+            return Trouble(False, "Disrupted", f"{who} was disrupted ({p.disrupted or p.reason}; {detail})")
         if p.exit_code == EXIT_PREEMPTED:
             return Trouble(False, "Preempted", f"{who} was preempted and saved a checkpoint ({detail})")
         if p.exit_code == EXIT_SIGTERM:
             return Trouble(False, "Terminated", f"{who} was terminated by SIGTERM ({detail})")
         return Trouble(True, "PodFailed", f"{who} failed ({detail})")
-    if p.unknown_since is not None:
-        stuck = (now - p.unknown_since).total_seconds()
+    if p.node_down_since is not None:
+        stuck = _since(now, p.node_down_since)
         if stuck >= unknown_timeout:
-            return Trouble(False, "NodeLost", f"{who} has been Unknown for {int(stuck)}s (node lost?)")
+            return Trouble(False, "NodeLost", f"{who}: its node has not reported for {int(stuck)}s")
     if p.disrupted and p.phase != "Succeeded":
-        return Trouble(False, "Evicted", f"{who} is being disrupted ({p.disrupted})")
+        return Trouble(False, "Disrupted", f"{who} is being disrupted ({p.disrupted})")
     return None
 
 
 def _trouble(o: Observed, pods: list[PodObs], phase: str | None) -> Trouble | None:
-    """The reason the current attempt has to go, if any: a counted failure wins over a disruption."""
+    """The reason the current attempt has to go, if any: a user error wins, then a counted failure."""
     found = [t for p in pods if (t := _pod_trouble(p, o.now, o.spec.restart_policy.unknown_timeout_seconds))]
     ranks = {p.rank for p in pods}
     missing = [r for r in range(o.spec.parallel_config.nnodes) if r not in ranks]
@@ -207,8 +279,15 @@ def _trouble(o: Observed, pods: list[PodObs], phase: str | None) -> Trouble | No
     rank0 = next((p for p in pods if p.rank == 0), None)
     if rank0 is not None and rank0.phase == "Succeeded" and o.output_committed is False:
         found.append(Trouble(True, "NoOutput", f"rank 0 ({rank0.name}) exited 0 but no output was committed"))
-    found.sort(key=lambda t: not t.counted)
+    found.sort(key=lambda t: (not t.fatal, not t.counted))
     return found[0] if found else None
+
+
+def _unreachable(p: PodObs, now: dt.datetime, unknown_timeout: float) -> bool:
+    """No kubelet will finish this pod: its node stopped reporting, or its deletion is long overdue."""
+    if p.node_down_since is not None and _since(now, p.node_down_since) >= unknown_timeout:
+        return True
+    return p.deletion_due is not None and _since(now, p.deletion_due) >= FORCE_DELETE_MARGIN_SECONDS
 
 
 # ---------------------------------------------------------------- status helpers
@@ -238,10 +317,12 @@ def _status(
     reason: str,
     message: str,
     *,
-    stalled: str | None = None,
+    stalled: tuple[str, str] | None = None,
     **changes: Any,
 ) -> dict[str, Any]:
-    """The new status for `phase`: counters carried over, conditions recomputed."""
+    """The new status for `phase`: counters carried over, conditions recomputed.
+
+    `stalled` is (reason, message) when the job cannot progress without someone acting."""
     s = {k: v for k, v in o.status.items() if k not in ("conditions",)}
     s.update(changes)
     s["phase"] = phase
@@ -251,22 +332,35 @@ def _status(
         s.setdefault(key, 0)
     converging = phase in (PENDING, RESTARTING) or (phase == SUSPENDED and reason == "Suspending")
     ready_reason = {RUNNING: "Running", SUCCEEDED: "Succeeded"}.get(phase, reason)
+    stuck_reason, stuck_message = stalled or ("", "")
+    pending = s.get("pending_changes") or []
     values = {
         "Ready": (phase in (RUNNING, SUCCEEDED), ready_reason, message),
         "Reconciling": (converging and not stalled, reason if converging else "Idle", message if converging else ""),
-        "Stalled": (phase == FAILED or stalled is not None, reason if phase == FAILED else "Stuck" if stalled else "",
-                    message if phase == FAILED else stalled or ""),
+        "Stalled": (phase == FAILED or stalled is not None, reason if phase == FAILED else stuck_reason,
+                    message if phase == FAILED else stuck_message),
         "Running": (phase == RUNNING, reason if phase == RUNNING else phase, message if phase == RUNNING else ""),
         "Succeeded": (phase == SUCCEEDED, reason if phase == SUCCEEDED else phase, message if phase == SUCCEEDED else ""),
         "Failed": (phase == FAILED, reason if phase == FAILED else phase, message if phase == FAILED else ""),
         "Suspended": (phase == SUSPENDED, reason if phase == SUSPENDED else phase, message if phase == SUSPENDED else ""),
+        "ChangesPending": (bool(pending), "SpecEdited" if pending else "None",
+                           _pending_message(pending, s.get("attempt", 0)) if pending else ""),
     }  # fmt: skip
     s["conditions"] = _conditions(o.status.get("conditions") or [], o.now, o.generation, values)
     return {k: v for k, v in s.items() if v is not None}
 
 
+def _pending_message(fields: list[str], attempt: int) -> str:
+    names = ", ".join(f"spec.{f}" for f in fields)
+    return f"{names} changed while attempt {attempt} runs: the change takes effect at the next attempt"
+
+
 def _not_deleting(pods: list[PodObs]) -> list[str]:
     return sorted(p.name for p in pods if not p.terminating)
+
+
+def _unfinished(pods: list[PodObs]) -> list[PodObs]:
+    return [p for p in pods if p.phase not in ("Succeeded", "Failed")]
 
 
 # ---------------------------------------------------------------- the machine
@@ -277,9 +371,7 @@ def decide(o: Observed) -> Decision:
     d = _decide(o)
     # Pods on a lost node never finish a graceful deletion (no kubelet is left to confirm it).
     timeout = o.spec.restart_policy.unknown_timeout_seconds
-    lost = {
-        p.name for p in o.pods if p.unknown_since and (o.now - p.unknown_since).total_seconds() >= timeout
-    }
+    lost = {p.name for p in o.pods if _unreachable(p, o.now, timeout)}
     d.force_delete_pods = sorted(lost)
     d.delete_pods = [n for n in d.delete_pods if n not in lost]
     return d
@@ -292,6 +384,18 @@ def invalid_spec(status: dict[str, Any], generation: int, now: dt.datetime, mess
     return Decision(_status(o, FAILED, "InvalidSpec", message, **changes))
 
 
+def needs_watching(status: dict[str, Any], spec: dict[str, Any], now: dt.datetime) -> bool:
+    """Whether the periodic loop should reconcile this job: active, or finished with work left
+    (ranks still running after success, a ttl to honour)."""
+    phase = status.get("phase")
+    if phase not in TERMINAL:
+        return True
+    if spec.get("ttl_seconds_after_finished") is not None:
+        return True
+    done = parse_time(status.get("completion_time"))
+    return done is not None and _since(now, done) < SUCCESS_GRACE_SECONDS + 300
+
+
 def _decide(o: Observed) -> Decision:
     status = o.status or {}
     phase = status.get("phase")
@@ -301,15 +405,19 @@ def _decide(o: Observed) -> Decision:
     stale = [p for p in pods if p.attempt != attempt]
 
     if phase in TERMINAL:
-        # Failed: stop what still runs (its peers are gone; it would only hang and hold GPUs).
-        # Succeeded: the other ranks finish by themselves. Terminated pods stay for `kubectl logs`.
-        running = [p for p in pods if p.phase not in ("Succeeded", "Failed")] if phase == FAILED else []
-        reason = next(
-            (c.get("reason", phase) for c in status.get("conditions") or [] if c.get("type") == phase), phase
+        return _finished(o, phase, pods)
+
+    over = _past_deadline(o)
+    if over is not None and phase != SUSPENDED:
+        message = (
+            f"running for {int(over)}s, past spec.active_deadline_seconds={o.spec.active_deadline_seconds}"
         )
-        return Decision(
-            _status(o, phase, reason, status.get("message") or phase), delete_pods=_not_deleting(running)
+        d = Decision(
+            _status(o, FAILED, "DeadlineExceeded", message, completion_time=iso(o.now), restart_after=None),
+            delete_pods=_not_deleting(_unfinished(pods)),
         )
+        d.events.append(Event("Warning", "DeadlineExceeded", message))
+        return d
 
     if o.spec.suspend:
         gone = not pods
@@ -340,11 +448,25 @@ def _decide(o: Observed) -> Decision:
         message = f"rank 0 finished; output in {_final_uri(o.spec)}"
         d = Decision(
             _status(
-                o, SUCCEEDED, "Completed", message, completion_time=iso(o.now), output=_final_uri(o.spec)
+                o, SUCCEEDED, "Completed", message, completion_time=iso(o.now), output=_final_uri(o.spec),
+                pending_changes=None,
             ),
-            delete_pods=deletes,  # the other ranks finish by themselves
-        )
+            delete_pods=deletes,  # the other ranks get SUCCESS_GRACE_SECONDS to finish by themselves
+        )  # fmt: skip
         d.events.append(Event("Normal", "Succeeded", f"attempt {attempt} finished: {message}"))
+        return d
+
+    changed = _changed_fields(o)
+    if changed and phase == PENDING:  # not started yet: replace the gang with one built from the new spec
+        names = ", ".join(f"spec.{f}" for f in changed)
+        message = f"{names} changed while attempt {attempt} was starting: replacing its pods (not counted)"
+        d = Decision(
+            _status(o, RESTARTING, "SpecChanged", message, restart_after=None,
+                    last_restart_reason=f"SpecChanged: {message}"),
+            delete_pods=deletes + _not_deleting(current),
+            restart_reason="SpecChanged",
+        )  # fmt: skip
+        d.events.append(Event("Normal", "SpecChanged", message))
         return d
 
     nnodes = o.spec.parallel_config.nnodes
@@ -359,30 +481,122 @@ def _decide(o: Observed) -> Decision:
 
     running = [p for p in current if p.phase in ("Running", "Succeeded")]
     if len(running) == nnodes:
+        stuck = _no_progress(o) if phase == RUNNING else None
+        if stuck is not None:
+            return _restart_or_fail(o, attempt, current, stuck, deletes)
         message = f"attempt {attempt}: {nnodes}/{nnodes} pods running"
-        d = Decision(_status(o, RUNNING, "PodsRunning", message), delete_pods=deletes)
+        if changed:
+            message += f"; {_pending_message(changed, attempt)}"
+        d = Decision(
+            _status(o, RUNNING, "PodsRunning", message, pending_changes=changed or None), delete_pods=deletes
+        )
         if phase != RUNNING:
             d.events.append(Event("Normal", "Running", message))
         return d
+    return _waiting(o, phase, attempt, current, running, deletes)
 
-    # Still pending: say why, and whether someone has to act.
+
+def _waiting(
+    o: Observed, phase: str, attempt: int, current: list[PodObs], running: list[PodObs], deletes: list[str]
+) -> Decision:
+    """Not every pod runs yet: say why, and once someone has to act (or pending_timeout_seconds has
+    passed) mark the job Stalled, with one Warning event."""
+    status = o.status or {}
+    nnodes = o.spec.parallel_config.nnodes
     stuck = [p for p in current if p.waiting_reason in STUCK_WAITING]
-    unsched = [p for p in current if p.unschedulable]
-    stalled = f"pod {stuck[0].name}: {stuck[0].waiting_reason}" if stuck else None
+    gated = [p for p in current if p.gated]
+    unsched = [p for p in current if p.unschedulable and not p.gated]
     message = f"attempt {attempt}: {len(running)}/{nnodes} pods running"
-    silent = [p for p in current if p.unknown_since is not None]
+    silent = [p for p in current if p.node_down_since is not None]
     if silent:
-        message += f"; {silent[0].name} not reporting since {iso(silent[0].unknown_since)}"  # type: ignore[arg-type]
-    if unsched:
-        message += f"; {unsched[0].name} unschedulable: {unsched[0].unschedulable}"
-    if stalled:
-        message += f"; {stalled}"
-    d = Decision(_status(o, phase, "WaitingForPods", message, stalled=stalled), delete_pods=deletes)
+        message += f"; {silent[0].name} not reporting since {iso(silent[0].node_down_since)}"  # type: ignore[arg-type]
+    why: tuple[str, str] | None = None
+    if stuck:
+        why = (stuck[0].waiting_reason or "ImageError", f"pod {stuck[0].name}: {stuck[0].waiting_reason}")
+    elif gated:
+        why = (
+            "WaitingForAdmission",
+            f"{len(gated)} pods held by scheduling gates (waiting for Kueue to admit the gang)",
+        )
+    elif unsched:
+        why = ("Unschedulable", f"pod {unsched[0].name} unschedulable: {unsched[0].unschedulable}")
+    if why is not None:
+        message += f"; {why[1]}"
+    timeout = o.spec.restart_policy.pending_timeout_seconds
+    began = parse_time(status.get("attempt_start_time")) or parse_time(status.get("start_time")) or o.now
+    waited = _since(o.now, began)
+    stalled = why if stuck else None
+    if stalled is None and timeout and waited >= timeout:
+        reason, text = why or ("PendingTimeout", "pods not running yet")
+        stalled = (reason, f"{text}; not all pods running {int(waited)}s after attempt {attempt} began "
+                           f"(restart_policy.pending_timeout_seconds={timeout})")  # fmt: skip
+    reason = why[0] if why else "WaitingForPods"
+    d = Decision(_status(o, phase, reason, message, stalled=stalled), delete_pods=deletes)
     if stalled and not any(
         c.get("type") == "Stalled" and c.get("status") == "True" for c in status.get("conditions") or []
     ):
-        d.events.append(Event("Warning", "Stalled", message))
+        d.events.append(Event("Warning", "Stalled", stalled[1]))
     return d
+
+
+def _finished(o: Observed, phase: str, pods: list[PodObs]) -> Decision:
+    """Succeeded or Failed: stop what still runs, keep terminated pods for `kubectl logs`, honour the ttl."""
+    status = o.status or {}
+    reason = next(
+        (c.get("reason", phase) for c in status.get("conditions") or [] if c.get("type") == phase), phase
+    )
+    done = parse_time(status.get("completion_time")) or o.now
+    # Failed: its peers are gone, what still runs would only hang and hold GPUs. Succeeded: the other
+    # ranks get a grace to finish by themselves (their last barrier), then they go too.
+    late = phase == FAILED or _since(o.now, done) >= SUCCESS_GRACE_SECONDS
+    d = Decision(
+        _status(o, phase, reason, status.get("message") or phase),
+        delete_pods=_not_deleting(_unfinished(pods)) if late else [],
+    )
+    ttl = o.spec.ttl_seconds_after_finished if o.spec is not None else None
+    if ttl is not None and _since(o.now, done) >= ttl:
+        d.delete_job = True
+    return d
+
+
+def _past_deadline(o: Observed) -> float | None:
+    """Seconds active when past spec.active_deadline_seconds (counted from the start or the last resume)."""
+    limit = o.spec.active_deadline_seconds
+    began = parse_time((o.status or {}).get("active_since")) or parse_time((o.status or {}).get("start_time"))
+    if limit is None or began is None:
+        return None
+    active = _since(o.now, began)
+    return active if active >= limit else None
+
+
+def _changed_fields(o: Observed) -> list[str]:
+    """Pod-shaping fields edited since the current attempt's pods were built."""
+    applied = (o.status or {}).get("applied_spec") or {}
+    now = spec_digests(o.spec)
+    return [f for f in POD_FIELDS if f in applied and applied[f] != now[f]]
+
+
+def _no_progress(o: Observed) -> Trouble | None:
+    """A Running gang whose training step has not moved for restart_policy.progress_timeout_seconds."""
+    timeout = o.spec.restart_policy.progress_timeout_seconds
+    status = o.status or {}
+    if not timeout:
+        return None
+    running = next((c for c in status.get("conditions") or [] if c.get("type") == "Running"), {})
+    marks = [
+        parse_time(status.get("progress_advanced_at")),
+        parse_time(status.get("attempt_start_time")),
+        parse_time(running.get("lastTransitionTime")) if running.get("status") == "True" else None,
+    ]
+    since = max((m for m in marks if m is not None), default=None)
+    if since is None or _since(o.now, since) < timeout:
+        return None
+    step = (status.get("progress") or {}).get("step", 0)
+    return Trouble(
+        True, "NoProgress",
+        f"training has not advanced past step {step} for {int(_since(o.now, since))}s "
+        f"(restart_policy.progress_timeout_seconds={timeout})",
+    )  # fmt: skip
 
 
 def _final_uri(spec: FineTuneJobSpec) -> str:
@@ -404,9 +618,14 @@ def _next_attempt(o: Observed, phase: str | None, attempt: int, pods: list[PodOb
         message = f"attempt {attempt + 1} starts in {wait:.0f}s (backoff)"
         return Decision(_status(o, RESTARTING, "BackingOff", message))
     nxt = attempt + 1
-    changes: dict[str, Any] = {"attempt": nxt, "restart_after": None}
+    changes: dict[str, Any] = {
+        "attempt": nxt, "restart_after": None, "attempt_start_time": iso(o.now),
+        "applied_spec": spec_digests(o.spec), "pending_changes": None,
+    }  # fmt: skip
     if not status.get("start_time"):
         changes["start_time"] = iso(o.now)
+    if not status.get("active_since") or phase == SUSPENDED:  # the deadline clock restarts on resume
+        changes["active_since"] = iso(o.now)
     message = f"attempt {nxt}: creating {o.spec.parallel_config.nnodes} pods"
     d = Decision(
         _status(o, PENDING, "CreatingPods", message, **changes),
@@ -418,25 +637,44 @@ def _next_attempt(o: Observed, phase: str | None, attempt: int, pods: list[PodOb
     return d
 
 
+def _fail(
+    o: Observed, reason: str, message: str, current: list[PodObs], deletes: list[str], t: Trouble
+) -> Decision:
+    d = Decision(
+        _status(o, FAILED, reason, message, completion_time=iso(o.now), restart_after=None,
+                last_restart_reason=f"{t.reason}: {t.message}"),
+        # keep the failed pods for `kubectl logs`, stop the others
+        delete_pods=deletes + _not_deleting(_unfinished(current)),
+    )  # fmt: skip
+    d.events.append(Event("Warning", reason if reason == "UserError" else "Failed", message))
+    return d
+
+
 def _restart_or_fail(
     o: Observed, attempt: int, current: list[PodObs], t: Trouble, deletes: list[str]
 ) -> Decision:
     status = o.status or {}
     restarts, preemptions = int(status.get("restarts") or 0), int(status.get("preemptions") or 0)
-    limit = o.spec.restart_policy.max_restarts
-    if t.counted and restarts >= limit:
-        message = f"{t.message}; giving up after {restarts} restarts (restart_policy.max_restarts={limit})"
-        d = Decision(
-            _status(o, FAILED, "MaxRestartsExceeded", message, completion_time=iso(o.now),
-                    last_restart_reason=f"{t.reason}: {t.message}"),
-            # keep the failed pods for `kubectl logs`, stop the others
-            delete_pods=deletes + _not_deleting([p for p in current if p.phase not in ("Succeeded", "Failed")]),
-        )  # fmt: skip
-        d.events.append(Event("Warning", "Failed", message))
-        return d
+    policy = o.spec.restart_policy
+    if t.fatal:  # retrying cannot help: the job's author has to fix the spec, data or credentials
+        return _fail(
+            o, t.reason, f"{t.message} (not retried: fix the job and create it again)", current, deletes, t
+        )
+    if t.counted and restarts >= policy.max_restarts:
+        message = f"{t.message}; giving up after {restarts} restarts (restart_policy.max_restarts={policy.max_restarts})"
+        return _fail(o, "MaxRestartsExceeded", message, current, deletes, t)
+    if not t.counted and preemptions >= policy.max_preemptions:
+        message = (
+            f"{t.message}; giving up after {preemptions} uncounted restarts "
+            f"(restart_policy.max_preemptions={policy.max_preemptions})"
+        )
+        return _fail(o, "TooManyPreemptions", message, current, deletes, t)
     wait = backoff_seconds(o.spec, restarts + preemptions)
     counters = {"restarts": restarts + 1} if t.counted else {"preemptions": preemptions + 1}
-    kind = f"restart {restarts + 1} of {limit}" if t.counted else "not counted against max_restarts"
+    kind = (
+        f"restart {restarts + 1} of {policy.max_restarts}" if t.counted
+        else f"not counted against max_restarts; {preemptions + 1} of {policy.max_preemptions} uncounted"
+    )  # fmt: skip
     message = f"{t.message}; restarting as attempt {attempt + 1} in {wait:.0f}s ({kind})"
     d = Decision(
         _status(o, RESTARTING, t.reason, message, restart_after=iso(o.now + dt.timedelta(seconds=wait)),
