@@ -15,7 +15,8 @@ kubectl see what they would see on a cluster:
   on list and watch; watch from a resourceVersion replays the events after it (410 when too old),
   ADDED/DELETED when an object enters or leaves a selector, `timeoutSeconds`;
 - deletion: finalizers (deletionTimestamp until they are gone), graceful deletion of pods bound to
-  a node (the kubelet finishes it), pods/binding and pods/eviction, and garbage collection of
+  a node (deletionTimestamp is the end of the grace period; the kubelet finishes it),
+  pods/binding and pods/eviction, and garbage collection of
   dependents by ownerReferences uid (background and orphan; foreground is done as background),
   including dependents created after their owner was gone;
 - CustomResourceDefinitions: creating one serves its resource; objects of it are admitted like the
@@ -24,6 +25,8 @@ kubectl see what they would see on a cluster:
   evaluated (cel-python, transition rules with oldSelf on update), 422 naming each field;
   `kubectl get` gets a Table with the CRD's printer columns; just enough OpenAPI v3 for kubectl to
   leave field validation to the server.
+
+- mutating admission of pods: `pod_webhooks` (tests/kueue.py installs Kueue's, which gates pods);
 
 Not done (not needed by kubetune's tests): strategic merge patch is treated as a merge patch,
 server-side apply, deletecollection, namespace existence checks, admission of built-in kinds.
@@ -60,8 +63,9 @@ logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per re
 KEEP_EVENTS = 50_000  # watch history; older resourceVersions get 410 Gone
 
 
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now_iso(later: float = 0) -> str:
+    when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=later)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ApiError(Exception):
@@ -348,6 +352,8 @@ class KubeAPI(kmock.KubernetesEmulator):
     _tick: asyncio.Event | None = attrs.field(default=None, init=False)  # set on the next write
     _tick_loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
     mutex: threading.RLock = attrs.field(factory=threading.RLock, init=False)
+    # Mutating admission for new pods, run in order on the object before it is stored.
+    pod_webhooks: list[Callable[[dict], None]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -634,6 +640,8 @@ class KubeAPI(kmock.KubernetesEmulator):
             obj.pop("status", None)
         if c.resource == PODS:
             obj["status"] = {"phase": "Pending", "qosClass": "Burstable"}
+            for mutate in self.pod_webhooks:  # mutating admission webhooks (Kueue's pod webhook)
+                mutate(obj)
         warnings: list[str] = []
         if kind.schema is not None:
             obj, warnings = admit_custom(kind, obj, None, c.params.get("fieldValidation") == "Strict")
@@ -770,6 +778,8 @@ class KubeAPI(kmock.KubernetesEmulator):
                     grace if grace is not None else obj["spec"].get("terminationGracePeriodSeconds", 30)
                 )
                 new["metadata"]["deletionGracePeriodSeconds"] = seconds
+                # the server sets deletionTimestamp to when the grace period ends, not to now
+                new["metadata"]["deletionTimestamp"] = now_iso(seconds)
             self._store[resource][(namespace, name)] = self._bump(new)
             self._record(resource, "MODIFIED", new, obj)
             self._cascade(new, opts.get("propagationPolicy"))

@@ -11,6 +11,7 @@ Each test names the Kubernetes documentation it follows:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -309,8 +310,12 @@ def test_graceful_deletion_of_pods_bound_to_a_node(http: Http) -> None:
     }
     assert http("POST", f"{PODS}/bound/binding", binding)[0] == 201
     assert http("POST", f"{PODS}/bound/binding", binding)[0] == 409  # already bound
+    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     body = http.ok("DELETE", f"{PODS}/bound")
-    assert body["metadata"]["deletionTimestamp"] and body["metadata"]["deletionGracePeriodSeconds"] == 7
+    assert body["metadata"]["deletionGracePeriodSeconds"] == 7
+    # deletionTimestamp is when the grace period ends (ObjectMeta's documented meaning), not now
+    due = dt.datetime.fromisoformat(body["metadata"]["deletionTimestamp"].replace("Z", "+00:00"))
+    assert dt.timedelta(seconds=7) <= due - before <= dt.timedelta(seconds=9)
     assert http("GET", f"{PODS}/bound")[0] == 200  # terminating until the kubelet confirms
     http.ok("DELETE", f"{PODS}/bound", gracePeriodSeconds="0")
     assert http("GET", f"{PODS}/bound")[0] == 404

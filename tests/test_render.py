@@ -288,7 +288,7 @@ def test_security_context_is_restricted_with_writable_scratch():
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m for m in ctr["volumeMounts"]}
     # writable emptyDirs: /tmp (caches below it) and a memory-backed /dev/shm of the asked size
-    assert volumes[mounts["/tmp"]["name"]]["emptyDir"] == {}
+    assert volumes[mounts["/tmp"]["name"]]["emptyDir"] == {"sizeLimit": "100Gi"}  # resources.scratch_size
     assert not mounts["/tmp"].get("readOnly")
     assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert mounts[c.CONFIG_DIR]["readOnly"] is True
@@ -325,7 +325,7 @@ def test_grace_period_covers_the_sigterm_save():
 
 def test_resources_and_scheduling_pass_through():
     pod = pods(render_job(make_job(MULTI, uid=UID)))[0]
-    amounts = {"cpu": "96", "memory": "1Ti", "nvidia.com/gpu": "8"}
+    amounts = {"cpu": "96", "memory": "1Ti", "ephemeral-storage": "100Gi", "nvidia.com/gpu": "8"}
     assert container(pod)["resources"] == {"requests": amounts, "limits": amounts}
     spec = pod["spec"]
     assert spec["nodeSelector"] == MULTI["resources"]["node_selector"]
@@ -548,3 +548,29 @@ def test_render_module_imports_neither_kopf_nor_kubernetes_client():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+
+
+def test_scratch_is_sized_for_the_scheduler_and_capped_on_the_node():
+    """The model is downloaded to /tmp: the pod requests that much ephemeral storage (so it lands where it
+    fits) and the emptyDir is capped at the same size (the kubelet evicts a pod that outgrows it)."""
+    pod = pods(render_job(make_job({"resources": {"scratch_size": "300Gi"}})))[0]
+    scratch = next(v for v in pod["spec"]["volumes"] if v["name"] == "scratch")
+    assert scratch == {"name": "scratch", "emptyDir": {"sizeLimit": "300Gi"}}
+    res = container(pod)["resources"]
+    assert res["requests"]["ephemeral-storage"] == res["limits"]["ephemeral-storage"] == "300Gi"
+
+
+def test_a_scratch_volume_is_a_generic_ephemeral_volume_off_the_nodes_disk():
+    job = make_job({"resources": {"scratch_volume": {"size": "800Gi", "storage_class": "fast-nvme"}}})
+    pod = pods(render_job(job))[0]
+    scratch = next(v for v in pod["spec"]["volumes"] if v["name"] == "scratch")
+    claim = scratch["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "800Gi"}},
+                     "storageClassName": "fast-nvme"}  # fmt: skip
+    assert "ephemeral-storage" not in container(pod)["resources"]["requests"]  # not on the node's disk
+
+
+def test_the_trainers_termination_message_path_is_the_containers():
+    c = container(pods(render_job(make_job()))[0])
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert c["terminationMessagePath"] == env["KUBETUNE_TERMINATION_MESSAGE_PATH"] == "/dev/termination-log"

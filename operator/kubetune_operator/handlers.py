@@ -9,9 +9,13 @@ both count one failure), then create the gang's objects (fixed names, 409 = alre
 delete pods, then post Kubernetes Events. All state is in the job's status and the pods' labels;
 killing the operator at any moment and starting it again loses nothing and duplicates nothing.
 
-A second timer copies the trainer's progress.json (step, loss, ETA, last checkpoint) from the job's
-output store into the status. Deleting a FineTuneJob removes its pods, service and config maps
-through their owner references (the cluster's garbage collector).
+A periodic loop (a thread of this process, not kopf timers: kopf puts a finalizer on every object
+with a timer, and a finalizer makes `kubectl delete ftj`, `helm uninstall` and namespace deletion
+hang while no operator runs) reconciles every job it knows from kopf's watch, and copies the
+trainer's progress.json (step, loss, ETA, last checkpoint) from the job's output store into the
+status. FineTuneJobs carry no finalizer: deleting one completes at once, with or without an
+operator, and the cluster's garbage collector removes its pods, service and config maps through
+their owner references.
 
 Environment: KUBETUNE_RECONCILE_INTERVAL (s, default 5), KUBETUNE_PROGRESS_INTERVAL (s, default 15),
 KUBETUNE_METRICS_PORT (default 9090, 0 disables), KUBETUNE_TRAINER_IMAGE (default trainer image).
@@ -25,7 +29,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,7 +50,6 @@ RECONCILE_INTERVAL = float(os.environ.get("KUBETUNE_RECONCILE_INTERVAL", "5"))
 PROGRESS_INTERVAL = float(os.environ.get("KUBETUNE_PROGRESS_INTERVAL", "15"))
 METRICS_PORT = int(os.environ.get("KUBETUNE_METRICS_PORT", "9090"))
 TRAINER_IMAGE = os.environ.get("KUBETUNE_TRAINER_IMAGE") or None
-ACTIVE = (None, state.PENDING, state.RUNNING, state.RESTARTING, state.SUSPENDED)
 
 
 # ---------------------------------------------------------------- the API calls the operator makes
@@ -122,6 +126,22 @@ class Kube:
                 except ApiException as e:
                     if e.status != 404:
                         raise
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a finished FineTuneJob (its ttl passed); what it owns goes with it (background GC)."""
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                propagation_policy="Background",
+                _preload_content=False,
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def event(self, job: dict, ev: state.Event) -> None:
         """A Kubernetes Event on the job (posted by kopf in the background)."""
@@ -304,6 +324,10 @@ def _reconcile_once(kube: Kube, job: dict) -> state.Decision:
         kube.delete_old_configmaps(namespace, name, decision.delete_configs_before)
     for ev in decision.events:  # 4. what happened, for `kubectl describe` / `kubectl get events`
         kube.event(job, ev)
+    if decision.delete_job:  # 5. spec.ttl_seconds_after_finished has passed
+        ttl = spec.ttl_seconds_after_finished
+        log.info("%s/%s: deleting the finished job (ttl_seconds_after_finished=%s)", namespace, name, ttl)
+        kube.delete_job(namespace, name)
     if patch or decision.create_attempt is not None or decision.delete_pods or decision.force_delete_pods:
         log.info(
             "%s/%s: %s (%s)", namespace, name, decision.status.get("phase"), decision.status.get("message")
@@ -319,6 +343,10 @@ def refresh_progress(kube: Kube, namespace: str, name: str) -> None:
             return
         status = job.get("status") or {}
         fields = state.progress_status(read_progress(_job_model(job).spec))
+        step = (fields.get("progress") or {}).get("step")
+        if step is not None and step != (status.get("progress") or {}).get("step"):
+            # what restart_policy.progress_timeout_seconds measures from
+            fields["progress_advanced_at"] = state.iso(dt.datetime.now(dt.timezone.utc))
         patch = {k: v for k, v in fields.items() if status.get(k) != v}
         if patch:
             kube.patch_status(namespace, name, patch, None)
@@ -338,6 +366,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
     settings.watching.server_timeout = 300
     memo.kube = connect()
+    memo.periodic = Periodic(memo.kube, settings.execution.max_workers)
+    memo.periodic.start()
     metrics.serve(METRICS_PORT)
 
 
@@ -358,17 +388,77 @@ def on_change(name: str, namespace: str, memo: kopf.Memo, reason: str, **_: Any)
     reconcile(memo.kube, namespace, name, trigger=str(reason))
 
 
-@kopf.timer(*JOBS, interval=RECONCILE_INTERVAL, when=lambda status, **_: status.get("phase") in ACTIVE)
-def on_timer(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    reconcile(memo.kube, namespace, name, trigger="timer")
+@kopf.on.event(*JOBS)
+def on_job_event(event: dict, body: kopf.Body, **_: Any) -> None:
+    """Keep the periodic loop's list of jobs current (kopf's watch sees every job it serves)."""
+    key = (body.metadata.namespace, body.metadata.name)
+    if event.get("type") == "DELETED":
+        _jobs.pop(key, None)
+    else:
+        _jobs[key] = (dict(body.get("status") or {}), dict(body.get("spec") or {}))
 
 
-@kopf.timer(
-    *JOBS, id="progress", interval=PROGRESS_INTERVAL,
-    when=lambda status, **_: status.get("phase") in (state.PENDING, state.RUNNING, state.RESTARTING),
-)  # fmt: skip
-def on_progress(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    refresh_progress(memo.kube, namespace, name)
+# ---------------------------------------------------------------- the periodic loop
+
+_jobs: dict[tuple[str, str], tuple[dict, dict]] = {}  # (namespace, name) -> (status, spec), from the watch
+
+
+class Periodic:
+    """Reconciles every known job each RECONCILE_INTERVAL and copies progress each PROGRESS_INTERVAL,
+    on a worker pool; a job already queued is not queued again."""
+
+    def __init__(self, kube: Kube, workers: int) -> None:
+        self.kube = kube
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kubetune-loop")
+        self.stop = threading.Event()
+        self.busy: set[tuple[str, str, str]] = set()
+        self.guard = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="kubetune-periodic", daemon=True)
+
+    def _submit(self, what: str, key: tuple[str, str], fn: Callable[[], Any]) -> None:
+        tag = (what, *key)
+        with self.guard:
+            if tag in self.busy:
+                return
+            self.busy.add(tag)
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - logged; the next round tries again
+                log.warning("%s of %s/%s failed: %s", what, key[0], key[1], e)
+            finally:
+                with self.guard:
+                    self.busy.discard(tag)
+
+        self.pool.submit(run)
+
+    def _run(self) -> None:
+        next_progress = 0.0
+        while not self.stop.wait(RECONCILE_INTERVAL):
+            now = dt.datetime.now(dt.timezone.utc)
+            progress = time.monotonic() >= next_progress
+            if progress:
+                next_progress = time.monotonic() + PROGRESS_INTERVAL
+            for key, (status, spec) in list(_jobs.items()):
+                if state.needs_watching(status, spec, now):
+                    self._submit("reconcile", key, lambda k=key: reconcile(self.kube, *k, trigger="timer"))
+                if progress and status.get("phase") in (state.PENDING, state.RUNNING, state.RESTARTING):
+                    self._submit("progress", key, lambda k=key: refresh_progress(self.kube, *k))
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "periodic", None) is not None:
+        memo.periodic.close()
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGER})

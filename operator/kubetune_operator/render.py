@@ -241,6 +241,8 @@ def _pvc_volume_name(claim: str) -> str:
 def _resources(job: FineTuneJob) -> dict[str, Any]:
     r = job.spec.resources
     amounts: dict[str, str] = {"cpu": r.cpu, "memory": r.memory}
+    if r.scratch_volume is None:  # scratch on the node's disk: the scheduler must see its size
+        amounts["ephemeral-storage"] = r.scratch_size
     if r.gpus:
         amounts["nvidia.com/gpu"] = str(r.gpus)
     return {"requests": dict(amounts), "limits": dict(amounts)}
@@ -254,6 +256,7 @@ def _env(job: FineTuneJob, attempt: int) -> list[dict[str, Any]]:
         {"name": "KUBETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "MASTER_ADDR", "value": naming.pod_fqdn(job.name, job.namespace, attempt, 0)},
         {"name": "MASTER_PORT", "value": str(c.RDZV_PORT)},
+        {"name": c.ENV_TERMINATION_MESSAGE_PATH, "value": c.TERMINATION_MESSAGE_PATH},
     ]
     env += [{"name": k, "value": v} for k, v in CACHE_ENV.items()]
     s3 = job.spec.storage.s3
@@ -269,6 +272,22 @@ def _env(job: FineTuneJob, attempt: int) -> list[dict[str, Any]]:
     return env
 
 
+def _scratch_volume(job: FineTuneJob) -> dict[str, Any]:
+    """/tmp: an emptyDir capped at resources.scratch_size (the kubelet evicts a pod that outgrows it),
+    or a generic ephemeral volume (a PVC made for the pod and deleted with it) of scratch_volume.size."""
+    r = job.spec.resources
+    if r.scratch_volume is None:
+        return {"name": "scratch", "emptyDir": {"sizeLimit": r.scratch_size}}
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": r.scratch_volume.size}},
+    }
+    if r.scratch_volume.storage_class:
+        claim["storageClassName"] = r.scratch_volume.storage_class
+    template = {"metadata": {"labels": naming.job_labels(job.name)}, "spec": claim}
+    return {"name": "scratch", "ephemeral": {"volumeClaimTemplate": template}}
+
+
 def _volumes(job: FineTuneJob, attempt: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(pod volumes, container volume mounts)."""
     volumes: list[dict[str, Any]] = [
@@ -279,7 +298,7 @@ def _volumes(job: FineTuneJob, attempt: int) -> tuple[list[dict[str, Any]], list
                 "items": [{"key": c.CONFIG_FILE, "path": c.CONFIG_FILE}],
             },
         },
-        {"name": "scratch", "emptyDir": {}},
+        _scratch_volume(job),
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.spec.resources.shm_size}},
     ]
     mounts: list[dict[str, Any]] = [
@@ -352,6 +371,8 @@ def render_pod(
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        # the trainer writes its one-line reason for a user error here (exit 65); else the log tail
+        "terminationMessagePath": c.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {
