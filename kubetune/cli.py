@@ -73,7 +73,12 @@ def _run(args: argparse.Namespace) -> int:
     from kubetune_trainer.launch import run_local
 
     return run_local(
-        args.file, nproc_per_node=args.nproc_per_node, output=args.output, max_steps=args.max_steps
+        args.file,
+        nproc_per_node=args.nproc_per_node,
+        output=args.output,
+        max_steps=args.max_steps,
+        cpu=args.cpu,
+        restart=args.restart,
     )
 
 
@@ -129,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=None, help="default: the spec's, else GPUs or 1")
     p.add_argument("--output", default=None, help="override spec.output.uri")
     p.add_argument("--max-steps", type=int, default=None, help="override spec.training.max_steps")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even where the spec requests GPUs")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="train again from step 0 into the same output, superseding the run there (asks on a terminal)",
+    )
     p.set_defaults(func=_run)
 
     p = sub.add_parser("inspect-data", help="show rendered training samples with the trained span marked")

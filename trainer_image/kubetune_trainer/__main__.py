@@ -36,6 +36,7 @@ from kubetune.validate import SpecError, load_job
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJob
+    from kubetune_trainer.lease import Lease
     from kubetune_trainer.train import TrainResult
 
 
@@ -56,10 +57,35 @@ def run_job(job: FineTuneJob, workdir: Path) -> TrainResult:
     from kubetune_trainer.resilience import Resilience
     from kubetune_trainer.train import run_training
 
-    with Resilience(job, workdir=workdir) as res:
-        result = run_training(job, workdir=workdir, callbacks=res.callbacks(), resume_from=res.resume_from)
-        res.finish(result)
+    lease = _take_lease(job) if int(os.environ.get("RANK", 0)) == 0 else None
+    try:
+        if lease is not None and os.environ.get(ENV_RESTART) == "1":
+            from kubetune_trainer.rerun import supersede
+
+            supersede(job)
+        with Resilience(job, workdir=workdir) as res:
+            callbacks = res.callbacks()
+            if lease is not None:
+                from kubetune_trainer.lease import lease_callback
+
+                callbacks.append(lease_callback(lease))
+            result = run_training(job, workdir=workdir, callbacks=callbacks, resume_from=res.resume_from)
+            res.finish(result)
+    finally:
+        if lease is not None:
+            lease.release()
     return result
+
+
+def _take_lease(job: FineTuneJob) -> Lease:
+    """Rank 0: the output's lease, before anything is written (LeaseHeld when another run has it)."""
+    from kubetune.conventions import ENV_ATTEMPT
+    from kubetune_trainer.lease import Lease
+    from kubetune_trainer.store import open_store
+
+    store = open_store(job.spec.output.uri, job.spec.storage.s3)
+    attempt = int(os.environ.get(ENV_ATTEMPT, "0") or 0)
+    return Lease.acquire(store, job=job.metadata.name, attempt=attempt)
 
 
 def _setup_logging(rank: int) -> None:
@@ -114,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", default=None, help="node-local scratch (default $KUBETUNE_CACHE_DIR/work/<name>)"
     )
     args = p.parse_args(argv)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun: never outlive it
+        from kubetune_trainer.lifetime import die_with_parent
+
+        agent = os.environ.get(ENV_AGENT_PID)
+        die_with_parent(expected_parent=int(agent) if agent else None)
     rank = int(os.environ.get("RANK", 0))
     tag = "" if rank == 0 else f" (rank {rank})"
     try:
@@ -152,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 ENV_USER_ERROR_MARKER = "KUBETUNE_USER_ERROR_MARKER"  # the same name supervise.py sets
+ENV_RESTART = "KUBETUNE_RESTART"  # the same name launch.py sets for `kubetune run --restart`
+ENV_AGENT_PID = "KUBETUNE_AGENT_PID"  # torchrun's pid when `kubetune run` started it
 _TERMINATION_MESSAGE_MAX = 4096  # what the kubelet keeps of a termination message
 
 

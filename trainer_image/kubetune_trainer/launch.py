@@ -1,8 +1,10 @@
 """``kubetune run job.yaml``: run a FineTuneJob on this machine under torchrun, no cluster needed.
 
 :func:`run_local` validates the job, applies the command line's overrides (``--output``,
-``--max-steps``) to a temporary copy of it, checks that this machine can run the method (the same
-one-line errors the pods give, before any process starts), then starts
+``--max-steps``, ``--nproc-per-node``, ``--cpu``) to a temporary copy of it, checks that this
+machine can run it (GPUs, CPUs, S3 credentials, the method: one line per problem, naming the
+override that fixes it, before any process starts), says so and stops when the output already
+holds the finished run (``--restart`` trains again from step 0), then starts
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m kubetune_trainer --config COPY
 
@@ -10,36 +12,66 @@ in the current directory (relative URIs in the job are relative to it). N is ``-
 else ``spec.parallel_config.nproc_per_node``, else the number of GPUs, else 1. The processes talk
 over gloo on CPU and NCCL on GPUs (accelerate picks the backend from the device). torchrun's
 in-pod restarts are off locally.
+
+Every run has its own work directory, ``$KUBETUNE_CACHE_DIR/work/<job>/<time>-<pid>/`` (local
+checkpoint copies, downloads, and ``run.log``: everything torchrun and the trainer printed).
+The console gets the trainer's output without torchrun's own report of a failed worker, and the
+last line is kubetune's: the reason of a user error, or what failed and where the full log is.
+
+The process tree dies with ``kubetune run``: torchrun's agent and every worker arm a death signal
+(:mod:`lifetime`), so a SIGKILL of ``kubetune run`` stops the training too. Ctrl-C is passed to
+the trainer once (it saves at the next step boundary and exits; run again to resume); a second
+Ctrl-C kills the tree at once. SIGTERM and SIGHUP are passed on like the first Ctrl-C.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import IO, Any
 
 import yaml
 
+from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR
 from kubetune.validate import load_job, load_jobs_text
 
+ENV_AGENT_PID = "KUBETUNE_AGENT_PID"  # torchrun's pid, for its workers (lifetime.die_with_parent)
+ENV_RESTART = "KUBETUNE_RESTART"  # "1": the trainer supersedes the run in the output and starts over
+RUN_LOG = "run.log"
+_KEEP_RUNS = 10  # work directories of earlier runs of a job kept (their logs)
+_BULKY = ("checkpoints", "resume", "upload-staging", "output")  # of a finished or dead run
 
-def _default_nproc() -> tuple[int, str]:
+
+def _default_nproc(force_cpu: bool = False) -> tuple[int, str]:
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = 0 if force_cpu else torch.cuda.device_count() if torch.cuda.is_available() else 0
     return (gpus, "cuda") if gpus else (1, "cpu")
 
 
-def _preflight(job: object) -> str | None:
-    """The one-line reason this machine cannot run the job, or None."""
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _method_problem(job: Any) -> str | None:
+    """The one-line reason this machine cannot run the job's method or find its model, or None."""
     from kubetune_trainer import methods, model_loading
     from kubetune_trainer.errors import JobError
     from kubetune_trainer.train import quiet_known_noise
 
     quiet_known_noise()
-    spec = job.spec  # type: ignore[attr-defined]
+    spec = job.spec
     try:
         precision = model_loading.resolve_precision(spec.training.precision)
         methods.plan_method(spec, precision)
@@ -50,13 +82,171 @@ def _preflight(job: object) -> str | None:
     return None
 
 
+def _s3_fields(job: Any) -> list[tuple[str, str]]:
+    spec = job.spec
+    fields = [
+        ("spec.model.uri", spec.model.uri),
+        ("spec.model.adapter_uri", spec.model.adapter_uri),
+        ("spec.dataset.uri", spec.dataset.uri),
+        *((f"spec.dataset.mix[{i}].uri", m.uri) for i, m in enumerate(spec.dataset.mix)),
+        ("spec.output.uri", spec.output.uri),
+        ("spec.checkpoint.uri", spec.checkpoint.uri),
+    ]
+    return [(f, u) for f, u in fields if u and u.startswith("s3://")]
+
+
+def _have_s3_credentials() -> bool:
+    from kubetune_trainer.store import StoreError, _credentials
+
+    try:
+        creds, _ = _credentials()
+    except StoreError:
+        return False  # $KUBETUNE_S3_CREDENTIALS_DIR names a directory without them
+    if creds or os.environ.get("AWS_ACCESS_KEY_ID"):
+        return True
+    import boto3
+
+    return boto3.session.Session().get_credentials() is not None
+
+
+def preflight(job: Any, *, nproc: int, device: str, gpus_here: int, explicit_nproc: bool) -> list[str]:
+    """What keeps this machine from running the job, one line each with the fix; [] when it can."""
+    spec = job.spec
+    problems = []
+    wanted = spec.resources.gpus
+    if wanted and gpus_here == 0:
+        problems.append(
+            f"spec.resources.gpus is {wanted} but this machine has no GPU; to train on the CPU "
+            f"instead: kubetune run --cpu"
+        )
+    limit, unit = (gpus_here, "GPU") if device == "cuda" else (_cpu_count(), "CPU")
+    if nproc > limit:
+        what = "--nproc-per-node" if explicit_nproc else "spec.parallel_config.nproc_per_node"
+        problems.append(
+            f"{what} is {nproc} but this machine has {limit} {unit}{'s' if limit != 1 else ''} "
+            f"(one process each); override: --nproc-per-node {max(1, limit)}"
+        )
+    s3 = _s3_fields(job)
+    if s3 and not _have_s3_credentials():
+        names = ", ".join(f for f, _ in s3)
+        fix = "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or $KUBETUNE_S3_CREDENTIALS_DIR)"
+        if any(f == "spec.output.uri" for f, _ in s3):
+            fix += f"; for the output alone: --output ./runs/{job.metadata.name}"
+        problems.append(f"{names}: s3:// and no S3 credentials here; {fix}")
+    if not problems:
+        method = _method_problem(job)
+        if method:
+            problems.append(method)
+    return problems
+
+
+# ---------------------------------------------------------------- run directories
+
+
+def new_run_dir(job: Any) -> Path:
+    """A fresh work directory for this run; earlier runs' bulky leftovers are removed."""
+    from kubetune_trainer.model_loading import cache_root
+
+    parent = cache_root() / "work" / job.metadata.name
+    parent.mkdir(parents=True, exist_ok=True)
+    _prune_runs(parent)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = parent / f"{stamp}-{os.getpid()}"
+    run.mkdir()
+    return run
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prune_runs(parent: Path) -> None:
+    runs = sorted(d for d in parent.iterdir() if d.is_dir() and re.fullmatch(r"\d{8}-\d{6}-\d+", d.name))
+    for i, d in enumerate(runs):
+        if _pid_alive(int(d.name.rsplit("-", 1)[1])):
+            continue  # another run of this job (the lease decides which one may write)
+        if i < len(runs) - _KEEP_RUNS:
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            _drop_bulky(d)
+
+
+def _drop_bulky(run: Path) -> None:
+    for name in _BULKY:
+        shutil.rmtree(run / name, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- output
+
+
+# torchrun's own lines: its glog-style log records and the report of a failed worker
+_AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+_TRAINER_ERROR = re.compile(r"^(\[rank \d+\] )?kubetune: error\b")
+
+
+class _Console:
+    """Copies the workers' output to the console and run.log, torchrun's to run.log only."""
+
+    def __init__(self, log: IO[bytes]) -> None:
+        self.log = log
+        self.lock = threading.Lock()
+        self.held: list[str] = []  # the trainer's error lines: printed at the end, once
+        self.worker_failures: list[tuple[int, int]] = []  # (local rank, exit code) torchrun saw
+
+    def _write_log(self, data: bytes) -> None:
+        with self.lock:
+            self.log.write(data)
+            self.log.flush()
+
+    def pump_workers(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            self._write_log(raw)
+            line = raw.decode(errors="replace")
+            if _TRAINER_ERROR.match(line):
+                self.held.append(line.rstrip("\n"))
+                continue
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def pump_agent(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            self._write_log(b"[torchrun] " + raw)
+            m = _AGENT_FAILED.search(raw.decode(errors="replace"))
+            if m:
+                self.worker_failures.append((int(m.group(2)), int(m.group(1))))
+
+
+def _describe_failure(status: int, failures: list[tuple[int, int]]) -> str:
+    for rank, code in failures:
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+            return f"local rank {rank} was killed by {name}{hint}"
+    for rank, code in failures:
+        return f"local rank {rank} exited {code}"
+    return f"torchrun exited {status}"
+
+
+# ---------------------------------------------------------------- the run
+
+
 def run_local(
     path: str | os.PathLike,
     nproc_per_node: int | None = None,
     output: str | None = None,
     max_steps: int | None = None,
+    *,
+    cpu: bool = False,
+    restart: bool = False,
 ) -> int:
-    """Run the job in `path` locally; returns the exit status (0: trained and exported)."""
+    """Run the job in `path` locally; returns the exit status (0: trained and exported, or
+    already finished; 65: a problem with the job or this machine; 75: interrupted, resumable)."""
     job = load_job(path)
     doc = job.model_dump(mode="json", exclude_none=True)
     if output is not None:
@@ -66,31 +256,175 @@ def run_local(
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
     job = load_jobs_text(text, str(path))[0]  # the overrides are validated like the file
 
-    problem = _preflight(job)
-    if problem:
-        print(f"kubetune: error: {problem}", file=sys.stderr)
+    gpus_here, device = _default_nproc(force_cpu=cpu)
+    gpus_here = gpus_here if device == "cuda" else 0
+    nproc = nproc_per_node or job.spec.parallel_config.nproc_per_node or (gpus_here or 1)
+    problems = preflight(
+        job, nproc=nproc, device=device, gpus_here=gpus_here, explicit_nproc=nproc_per_node is not None
+    )
+    if cpu and device == "cpu":
+        problems = [p for p in problems if not p.startswith("spec.resources.gpus")]
+    for problem in problems:
+        print(f"kubetune run: error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USER_ERROR
+
+    from kubetune_trainer import rerun
+
+    finished = rerun.finished_run(job)
+    if finished is not None and not restart:
+        print(f"kubetune run: {job.metadata.name}: {finished.describe()}", file=sys.stderr)
+        return 0
+    if restart and not rerun.confirm_restart(job, finished):
+        print("kubetune run: not restarted", file=sys.stderr)
         return 1
-    detected, device = _default_nproc()
-    nproc = nproc_per_node or job.spec.parallel_config.nproc_per_node or detected
+
     backend = "nccl" if device == "cuda" else "gloo"
+    run_dir = new_run_dir(job)
     print(
         f"kubetune run: {job.metadata.name}: {job.spec.method} {job.spec.pet_config.pet_type} "
-        f"on {nproc} process{'es' if nproc > 1 else ''} ({device}, {backend}); output {job.spec.output.uri}",
+        f"on {nproc} process{'es' if nproc > 1 else ''} ({device}, {backend}); output {job.spec.output.uri}"
+        + ("; restarting from step 0" if restart else ""),
         file=sys.stderr,
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="kubetune-run-") as tmp:
         config = Path(tmp) / "job.yaml"
         config.write_text(text, encoding="utf-8")
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--max-restarts=0", "-m", "kubetune_trainer", "--config", str(config),
+        torchrun = [
+            "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+            "-m", "kubetune_trainer", "--config", str(config), "--workdir", str(run_dir),
         ]  # fmt: skip
         env = dict(os.environ)
         if device == "cpu" and "OMP_NUM_THREADS" not in env:  # else accelerate warns and picks its own
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-        proc = subprocess.Popen(cmd, env=env)
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
-            return proc.wait()
+            env["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // nproc))
+        if cpu:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        if restart:
+            env[ENV_RESTART] = "1"
+        code = _run_torchrun(job, torchrun, env, run_dir)
+    if code == 0:
+        _drop_bulky(run_dir)
+    return code
+
+
+def _run_torchrun(job: Any, torchrun_args: list[str], env: dict[str, str], run_dir: Path) -> int:
+    from kubetune_trainer.supervise import Markers, exit_status
+
+    markers = Markers()
+    env = markers.child_env(["--config", torchrun_args[torchrun_args.index("--config") + 1]], env)
+    agent_r, agent_w = os.pipe()
+    cmd = [
+        sys.executable, "-m", "kubetune_trainer.launch", "--agent", str(os.getpid()), str(agent_w), "--",
+        *torchrun_args,
+    ]  # fmt: skip
+    log_path = run_dir / RUN_LOG
+    with open(log_path, "ab") as log:
+        console = _Console(log)
+        # its own session: the terminal's Ctrl-C reaches only us, and we pass it on exactly once
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            pass_fds=(agent_w,), start_new_session=True,
+        )  # fmt: skip
+        os.close(agent_w)
+        assert proc.stdout is not None
+        pumps = [
+            threading.Thread(target=console.pump_workers, args=(proc.stdout,), daemon=True),
+            threading.Thread(target=console.pump_agent, args=(os.fdopen(agent_r, "rb"),), daemon=True),
+        ]
+        for t in pumps:
+            t.start()
+        interrupted = _wait_forwarding_signals(proc)
+        for t in pumps:
+            t.join(timeout=10)
+    preempted, reason = markers.read()
+    status = proc.returncode
+    if interrupted == "killed":
+        print(f"kubetune run: stopped at once (second Ctrl-C); log: {log_path}", file=sys.stderr)
+        return 130
+    code = exit_status(status, preempted, reason is not None)
+    if code == 0:
+        return 0
+    if reason is not None:
+        print(f"kubetune run: error: {reason} (full log: {log_path})", file=sys.stderr)
+        return EXIT_USER_ERROR
+    for line in console.held:  # errors without a marker: print them as the trainer said them
+        print(line, file=sys.stderr)
+    if code == EXIT_PREEMPTED or interrupted:
+        print(
+            f"kubetune run: {job.metadata.name} stopped before the end; run the same command again to "
+            f"resume from its last committed checkpoint (log: {log_path})",
+            file=sys.stderr,
+        )
+        return code
+    print(
+        f"kubetune run: {job.metadata.name} failed: {_describe_failure(status, console.worker_failures)}; "
+        f"full log: {log_path}",
+        file=sys.stderr,
+    )
+    return code
+
+
+def _wait_forwarding_signals(proc: subprocess.Popen) -> str | None:
+    """Wait for torchrun; pass the first SIGINT/SIGTERM/SIGHUP on, kill everything on a second
+    SIGINT. Returns None, "forwarded" or "killed"."""
+    state: list[str] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if state and signum == signal.SIGINT:
+            state.append("killed")
+            # torchrun's workers die with it (lifetime.die_with_parent)
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        if not state:
+            state.append("forwarded")
+            if signum == signal.SIGINT:
+                print(
+                    "\nkubetune run: Ctrl-C: saving at the next step boundary, then stopping "
+                    "(Ctrl-C again to stop at once, without saving)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            try:
+                proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                proc.wait()
+                break
+            except KeyboardInterrupt:  # pragma: no cover - the handler above replaces it
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return "killed" if "killed" in state else state[0] if state else None
+
+
+def _agent_main(argv: list[str]) -> int:
+    """torchrun's agent as `kubetune run` starts it: it dies with `kubetune run`, and its own
+    messages (Python logging, its report of a failed worker) go to a separate pipe while the
+    workers it starts keep its stdout/stderr."""
+    parent, fd = int(argv[0]), int(argv[1])
+    args = argv[argv.index("--") + 1 :]
+    from kubetune_trainer.lifetime import die_with_parent
+
+    die_with_parent(signal.SIGKILL, expected_parent=parent)
+    os.environ[ENV_AGENT_PID] = str(os.getpid())
+    agent_out = os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace")
+    sys.stdout = sys.stderr = agent_out
+    import runpy
+
+    sys.argv = ["torchrun", *args]
+    try:
+        runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--agent"]:
+    sys.exit(_agent_main(sys.argv[2:]))

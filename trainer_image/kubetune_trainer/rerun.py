@@ -1,0 +1,118 @@
+"""Running a job again into an output that already holds a run of it.
+
+- :func:`finished_run`: the output holds this job's finished run (progress.json says done at the
+  newest committed checkpoint's step, with this spec and this max_steps): `kubetune run` says so
+  and stops, in seconds, without loading the model.
+- :func:`confirm_restart` / :func:`supersede`: ``kubetune run --restart`` trains again from step
+  0 into the same output. The launcher says which run is superseded (and asks, on a terminal);
+  the trainer's rank 0, holding the output's lease, then de-commits every checkpoint (COMMITTED
+  first) and removes the old metrics, so nothing resumes from or mixes with the old run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kubetune.conventions import FINAL_DIR, LOSS_PLOT, METRICS_FILE, PROGRESS_FILE
+from kubetune_trainer import checkpoints as ck
+from kubetune_trainer.store import ObjectNotFound, StoreError, open_store
+
+if TYPE_CHECKING:
+    from kubetune.spec import FineTuneJob
+
+log = logging.getLogger("kubetune.rerun")
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    state: str
+    step: int
+    total: int
+    output_uri: str
+    finished: bool
+
+    def describe(self) -> str:
+        if self.finished:
+            return (
+                f"already finished (step {self.step}/{self.total}); nothing to do. The model is in "
+                f"{self.output_uri.rstrip('/')}/{FINAL_DIR}; --restart trains again from step 0"
+            )
+        return f"{self.state} at step {self.step}/{self.total}"
+
+
+def previous_run(job: FineTuneJob) -> PreviousRun | None:
+    """What the output holds of an earlier run of this job (None: nothing, or not readable now)."""
+    spec = job.spec
+    try:
+        out = open_store(spec.output.uri, spec.storage.s3)
+        try:
+            progress = json.loads(out.get_bytes(PROGRESS_FILE))
+        except ObjectNotFound:
+            progress = None
+        latest = ck.latest_committed(open_store(spec.checkpoint_uri(), spec.storage.s3))
+    except (StoreError, ValueError, ck.CheckpointError) as e:
+        log.debug("no previous run readable in %s: %s", spec.output.uri, e)
+        return None
+    if progress is None and latest is None:
+        return None
+    progress = progress or {}
+    step = int(progress.get("step") or (latest.step if latest else 0))
+    total = int(progress.get("total_steps") or step)
+    max_steps = spec.training.max_steps
+    finished = (
+        progress.get("state") == "done"
+        and latest is not None
+        and latest.step == step == total
+        and latest.manifest.spec_hash == spec.training_hash()
+        and (max_steps is None or max_steps == step)
+    )
+    return PreviousRun(str(progress.get("state") or "unknown"), step, total, out.uri, finished)
+
+
+def finished_run(job: FineTuneJob) -> PreviousRun | None:
+    prev = previous_run(job)
+    return prev if prev is not None and prev.finished else None
+
+
+def confirm_restart(job: FineTuneJob, prev: PreviousRun | None = None) -> bool:
+    """Say what --restart supersedes; on a terminal, ask first. False: the user said no."""
+    prev = prev or previous_run(job)
+    if prev is None:
+        return True
+    what = f"the run in {prev.output_uri} ({prev.describe() if not prev.finished else f'finished, step {prev.step}/{prev.total}'})"
+    if sys.stdin is not None and sys.stdin.isatty():
+        answer = input(
+            f"kubetune run: --restart supersedes {what}: its checkpoints are removed. Go on? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            return False
+    print(f"kubetune run: --restart: {what} is superseded; training again from step 0", file=sys.stderr)
+    return True
+
+
+def supersede(job: FineTuneJob) -> int:
+    """Rank 0, holding the lease: de-commit and delete every checkpoint, drop the old metrics.
+    Returns how many checkpoints were removed."""
+    spec = job.spec
+    ckstore = open_store(spec.checkpoint_uri(), spec.storage.s3)
+    committed, other = ck.scan(ckstore)
+    for c in reversed(committed):  # newest first: a crash half-way leaves older ones, never a gap
+        ck.delete_checkpoint(ckstore, c.name)
+    for name in other:
+        ckstore.delete_prefix(f"{name}/")
+    out = open_store(spec.output.uri, spec.storage.s3)
+    for key in (METRICS_FILE, LOSS_PLOT, PROGRESS_FILE):
+        out.delete(key)
+    if committed:
+        log.warning(
+            "--restart: removed %d checkpoints of the earlier run (newest step %d) from %s",
+            len(committed), committed[-1].step, ckstore.uri,
+        )  # fmt: skip
+    return len(committed)
+
+
+__all__ = ["PreviousRun", "confirm_restart", "finished_run", "previous_run", "supersede"]
