@@ -34,6 +34,9 @@ import pytest
 
 ACCESS_KEY = "kubetune-test-key"
 SECRET_KEY = "kubetune-test-secret-0123456789"
+# an identity that may read and list but not write or delete (write-denied credentials)
+READONLY_ACCESS_KEY = "kubetune-test-readonly"
+READONLY_SECRET_KEY = "kubetune-test-readonly-secret-9876"
 _N_PORTS = 10
 
 
@@ -194,7 +197,12 @@ class SeaweedS3:
                             "name": "kubetune-test",
                             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
+                        },
+                        {
+                            "name": "kubetune-test-readonly",
+                            "credentials": [{"accessKey": READONLY_ACCESS_KEY, "secretKey": READONLY_SECRET_KEY}],
+                            "actions": ["Read", "List"],
+                        },
                     ]
                 }
             )
@@ -280,6 +288,11 @@ class SeaweedS3:
     @property
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+
+    @property
+    def readonly_env(self) -> dict[str, str]:
+        """Credentials of the identity that may read and list but not write."""
+        return {"AWS_ACCESS_KEY_ID": READONLY_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": READONLY_SECRET_KEY}
 
     def settings(self) -> Any:
         from kubetune.spec import S3Storage

@@ -183,13 +183,14 @@ def test_start_resumes_from_the_newest_valid_checkpoint(single_process, s3, tmp_
 
 
 def test_bad_credentials_fail_at_start_naming_bucket_and_endpoint(single_process, s3, tmp_path, monkeypatch):
-    from kubetune_trainer.store import StoreError
+    from kubetune_trainer.errors import JobError
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
     job = make_job(s3.uri("jobs/creds"), {"s3": {"endpoint": s3.endpoint}})
-    with pytest.raises(StoreError) as e:
+    with pytest.raises(JobError) as e:
         with Resilience(job, workdir=tmp_path / "work"):
             pass
+    assert str(e.value).startswith(f"spec.output.uri: cannot write to {s3.uri('jobs/creds')}: ")
     assert "access denied" in str(e.value) and s3.bucket in str(e.value) and s3.endpoint in str(e.value)
     assert "wrong-secret-value" not in str(e.value)
 
@@ -217,23 +218,61 @@ def test_unreachable_store_at_resume_fails_the_attempt_instead_of_falling_back(
             pass
 
 
-def test_a_failing_upload_is_reported_in_progress_and_training_goes_on(single_process, tmp_path, monkeypatch):
-    from kubetune_trainer.store import LocalStore, StoreError
+def test_write_denied_credentials_fail_before_anything_loads(single_process, s3, tmp_path, monkeypatch):
+    """A read-only identity: one line naming the field, the URI and where the credentials came from."""
+    from kubetune_trainer.errors import JobError
 
-    job = make_job(str(tmp_path / "out"))
-    loop = Loop(tmp_path, max_steps=3)
+    storage = {"s3": {"endpoint": s3.endpoint}}
+    for k, v in s3.server.readonly_env.items():
+        monkeypatch.setenv(k, v)
+    job = make_job(s3.uri("jobs/ro"), storage)
+    with pytest.raises(JobError) as e:
+        with Resilience(job, workdir=tmp_path / "work"):
+            pytest.fail("started with credentials that may not write")
+    msg = str(e.value)
+    assert msg.startswith(f"spec.output.uri: cannot write to {s3.uri('jobs/ro')}: ") and "\n" not in msg
+    assert (
+        "access denied (AccessDenied)" in msg and "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY environment" in msg
+    )
+    assert not s3.keys()  # nothing written, not even progress.json
 
-    def denied(self, local, key):
-        raise StoreError(f"upload to {key}: access denied")
+    # the output may be written (a local path), the checkpoints may not; credentials from a Secret's files
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "AWS_ACCESS_KEY_ID").write_text(s3.server.readonly_env["AWS_ACCESS_KEY_ID"])
+    (secret / "AWS_SECRET_ACCESS_KEY").write_text(s3.server.readonly_env["AWS_SECRET_ACCESS_KEY"])
+    monkeypatch.setenv("KUBETUNE_S3_CREDENTIALS_DIR", str(secret))
+    job = make_job(str(tmp_path / "out"), storage, uri=s3.uri("ckpt"))
+    with pytest.raises(JobError) as e:
+        with Resilience(job, workdir=tmp_path / "work"):
+            pytest.fail("started with credentials that may not write the checkpoints")
+    msg = str(e.value)
+    assert msg.startswith(f"spec.checkpoint.uri: cannot write to {s3.uri('ckpt')}: ")
+    assert f"files in $KUBETUNE_S3_CREDENTIALS_DIR ({secret})" in msg
+    p = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert p["state"] == "failed" and "spec.checkpoint.uri: cannot write" in p["reason"]
 
-    with Resilience(job, workdir=tmp_path / "work") as res:
-        (cb,) = res.callbacks()
-        cb.on_train_begin(loop.args, loop.state, loop.control)
-        monkeypatch.setattr(LocalStore, "put_file", denied)
-        loop.step(cb)
-        loop.save(cb)
-        assert res.uploader.wait_idle(10)
-        loop.step(cb)  # training is not stopped by it
-        res.progress.flush(5)
-        p = json.loads((tmp_path / "out" / "progress.json").read_text())
-        assert "access denied" in p["checkpoint_error"] and p["state"] == "running"
+
+def test_an_upload_that_can_never_succeed_stops_training_at_the_next_step(single_process, s3, tmp_path):
+    """The checkpoint bucket disappears mid-run (NoSuchBucket, like AccessDenied, is not transient):
+    the run fails at the next step boundary instead of training on to an end it cannot save."""
+    from kubetune_trainer.errors import JobError
+
+    bucket = s3.server.new_bucket()
+    job = make_job(str(tmp_path / "out"), {"s3": {"endpoint": s3.endpoint}}, uri=f"s3://{bucket}/ckpt")
+    loop = Loop(tmp_path)
+    with pytest.raises(JobError) as e:
+        with Resilience(job, workdir=tmp_path / "work") as res:
+            (cb,) = res.callbacks()
+            cb.on_train_begin(loop.args, loop.state, loop.control)
+            s3.server.client().delete_bucket(Bucket=bucket)  # empty: the write probe cleaned up
+            loop.step(cb)
+            loop.save(cb)
+            assert res.uploader.wait_idle(30)  # not retried until the end of training
+            loop.step(cb)
+            pytest.fail("training went on although no checkpoint can ever be committed")
+    msg = str(e.value)
+    assert msg.startswith("spec.checkpoint.uri: ") and f"bucket '{bucket}' does not exist" in msg
+    assert msg.endswith("stopped at step 2")
+    p = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert p["state"] == "failed" and f"bucket '{bucket}' does not exist" in p["checkpoint_error"]

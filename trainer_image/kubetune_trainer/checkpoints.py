@@ -15,7 +15,9 @@ A step directory without COMMITTED is an upload that never finished: it is never
 deleted by `prune`/`clean_uncommitted`. The manifest lists every file with its size and sha256,
 the global step, the world size and the spec's training hash; a download is verified against it.
 A committed checkpoint is deleted COMMITTED-first, so a crash half-way leaves an uncommitted
-leftover, never a committed checkpoint with files missing.
+leftover, never a committed checkpoint with files missing. One that resume rejects (a file missing,
+of the wrong size or failing its sha256) is de-committed the same way (`decommit`), so the step
+retrained after the fallback commits anew and the bad copy never counts toward keep_last.
 """
 
 from __future__ import annotations
@@ -167,14 +169,17 @@ def commit(
     workers: int = 4,
     manifest: Manifest | None = None,
     other_nodes: Callable[[], dict[str, dict[str, Any]]] | None = None,
+    give_up: Callable[[], bool] | None = None,
 ) -> Checkpoint:
     """Upload a finished local checkpoint dir to step-<N>/ and write COMMITTED last.
 
     `other_nodes` (multi-node): called after this node's files are up; blocks until the other
     nodes' parts are uploaded and returns their files for the manifest (see `collect_parts`).
     Transient store errors are retried (until `deadline`, a time.monotonic() value, or until
-    `should_stop()`; without either, up to a few minutes). Re-committing a step that is already
-    committed by the same spec is a no-op.
+    `should_stop()`; without either, up to a few minutes). `should_stop()` also stops an upload
+    part-way; `give_up()` is asked only after a failed try (a newer checkpoint is waiting: a store
+    that is down is better spent on that one). Re-committing a step that is already committed by
+    the same spec is a no-op.
     """
     name = step_name(step)
     existing = read_manifest(store, name)
@@ -190,9 +195,12 @@ def commit(
     if deadline is None and should_stop is None:
         deadline = time.monotonic() + 600
 
+    def after_failure() -> bool:
+        return (should_stop is not None and should_stop()) or (give_up is not None and give_up())
+
     def retrying(fn: Callable[[], Any], what: str) -> Any:
         return with_retries(
-            fn, what=what, attempts=None, deadline=deadline, should_stop=should_stop, max_delay=10.0
+            fn, what=what, attempts=None, deadline=deadline, should_stop=after_failure, max_delay=10.0
         )
 
     def stopped() -> None:
@@ -205,7 +213,10 @@ def commit(
         calls.append(
             lambda rel=rel: (
                 stopped(),
-                retrying(lambda: store.put_file(root / rel, f"{name}/{rel}"), f"upload {name}/{rel}"),
+                retrying(
+                    lambda: store.put_file(root / rel, f"{name}/{rel}", should_stop=should_stop),
+                    f"upload {name}/{rel}",
+                ),
             )
         )
     ObjectStore._parallel(calls, workers)
@@ -249,10 +260,12 @@ def upload_part(
     token: str,
     should_stop: Callable[[], bool] | None = None,
     workers: int = 4,
+    give_up: Callable[[], bool] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Node `node` > 0: upload this node's files of checkpoint `step`, then its part list (last).
 
     `token` names the attempt (node 0 only accepts parts of its own gang). Returns the files.
+    `should_stop` and `give_up` as in `commit`.
     """
     name = step_name(step)
     root = Path(local_dir)
@@ -262,13 +275,19 @@ def upload_part(
         if path.is_file()
     }
 
+    def after_failure() -> bool:
+        return (should_stop is not None and should_stop()) or (give_up is not None and give_up())
+
     def retrying(fn: Callable[[], Any], what: str) -> Any:
-        return with_retries(fn, what=what, attempts=None, should_stop=should_stop, max_delay=10.0)
+        return with_retries(fn, what=what, attempts=None, should_stop=after_failure, max_delay=10.0)
 
     def put(rel: str) -> None:
         if should_stop is not None and should_stop():
             raise CheckpointError(f"upload of node {node}'s part of {store.uri_for(name)} abandoned")
-        retrying(lambda: store.put_file(root / rel, f"{name}/{rel}"), f"upload {name}/{rel}")
+        retrying(
+            lambda: store.put_file(root / rel, f"{name}/{rel}", should_stop=should_stop),
+            f"upload {name}/{rel}",
+        )
 
     ObjectStore._parallel([lambda rel=rel: put(rel) for rel in files], workers)
     part = {"node": node, "token": token, "step": step, "files": files}
@@ -318,6 +337,20 @@ def delete_checkpoint(store: ObjectStore, name: str) -> None:
     """Uncommit first, then delete the files: never a committed checkpoint with files missing."""
     store.delete(f"{name}/{COMMITTED_FILE}")
     store.delete_prefix(f"{name}/")
+
+
+def decommit(store: ObjectStore, ckpt: Checkpoint, reason: str) -> None:
+    """A committed checkpoint resume rejected: remove COMMITTED first (then its files), saying why.
+
+    Left committed, the step retrained after the fallback would count as already committed (its
+    good files dropped), the bad copy would count toward keep_last and every later start would
+    fall back again. A failure here is only logged: the next start rejects it again.
+    """
+    log.warning("de-committing %s: %s", ckpt.uri, reason)
+    try:
+        with_retries(lambda: delete_checkpoint(store, ckpt.name), what=f"de-commit {ckpt.name}", attempts=4)
+    except Exception as e:
+        log.warning("could not de-commit %s (it is rejected again at the next start): %s", ckpt.uri, e)
 
 
 # ---------------------------------------------------------------- reading
@@ -452,6 +485,7 @@ def candidates(
                 ckpt.uri,
                 "; ".join(problems[:5]),
             )
+            decommit(store, ckpt, "; ".join(problems[:5]))
             continue
         saved_ws = ckpt.manifest.world_size
         if world_size is not None and saved_ws != world_size:
@@ -497,6 +531,9 @@ def download(
     partial = root / f".{ckpt.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(dst, ignore_errors=True)
+    from kubetune_trainer.diskspace import ensure_free_space
+
+    ensure_free_space(root, ckpt.manifest.total_bytes, f"downloading checkpoint {ckpt.uri} to resume")
     partial.mkdir(parents=True)
     t0 = time.monotonic()
     calls = [
@@ -543,6 +580,7 @@ def resolve(
             return ckpt, download(store, ckpt, local_root)
         except CorruptCheckpoint as e:
             log.warning("skipping %s; falling back to the previous committed checkpoint", e)
+            decommit(store, ckpt, str(e))
     return None
 
 
@@ -584,7 +622,7 @@ def clean_uncommitted(store: ObjectStore) -> list[str]:
 
 __all__ = [
     "Checkpoint", "CheckpointError", "CorruptCheckpoint", "Manifest", "SpecMismatch", "build_manifest",
-    "candidates", "clean_uncommitted", "collect_parts", "commit", "delete_checkpoint", "download", "latest_committed",
+    "candidates", "clean_uncommitted", "collect_parts", "commit", "decommit", "delete_checkpoint", "download", "latest_committed",
     "list_committed", "parse_step_name", "prune", "read_manifest", "remote_problems", "resolve", "scan",
     "sha256_file", "step_name", "upload_part", "verify_local",
 ]  # fmt: skip

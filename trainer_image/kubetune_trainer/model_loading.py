@@ -156,6 +156,10 @@ def _download_s3(uri: str, s3: S3Storage | None, field: str) -> Path:
             sizes = {k: store.size(k) for k in keys}
             tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
+            # fail before the first byte, not with a truncated shard half-way
+            from kubetune_trainer.diskspace import ensure_free_space
+
+            ensure_free_space(dest.parent, sum(sizes.values()), f"{field}: downloading {uri}")
             log.info(
                 "downloading %s (%d files, %.1f MB) to %s", uri, len(keys), sum(sizes.values()) / 1e6, dest
             )

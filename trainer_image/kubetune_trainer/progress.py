@@ -12,16 +12,25 @@ The document (all keys always present, null when unknown, but `rewards`: method 
      "last_checkpoint": {"uri": "s3://b/jobs/demo/checkpoints/step-00000100", "step": 100},
      "checkpoint_error": null,                             # why the last upload failed for good
      "resumed_from": {"uri": ..., "step": 50} | null,
+     "store_unreachable": {"since": "...Z", "failed_attempts": 17, "error": "..."} | null,
      "world_size": 4, "started_at": "...Z", "updated_at": "...Z"}
+
+Every version is also written to a local copy first (`local_progress_path`, on this machine's
+scratch): while the store is down the local copy is the one that is current, and it says since
+when the store has been unreachable and how many writes failed; `kubetune status` on the same
+machine shows it when the store does not answer or holds an older version.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.conventions import PROGRESS_FILE
@@ -55,6 +64,7 @@ def empty_progress(job: str = "", attempt: int = 0, world_size: int = 1) -> dict
         "last_checkpoint": None,
         "checkpoint_error": None,
         "resumed_from": None,
+        "store_unreachable": None,
         "world_size": world_size,
         "started_at": _now(),
         "updated_at": _now(),
@@ -72,9 +82,11 @@ class ProgressWriter:
         attempt: int = 0,
         world_size: int = 1,
         interval: float = 5.0,
+        local_copy: str | os.PathLike | None = None,
     ) -> None:
         self.store = store
         self.interval = interval
+        self.local_copy = Path(local_copy) if local_copy is not None else None
         self.doc = empty_progress(job, attempt, world_size)
         self._lock = threading.Lock()
         self._dirty = threading.Event()
@@ -84,6 +96,7 @@ class ProgressWriter:
         self._version = 0
         self._written_version = 0
         self._failures = 0
+        self._outage: dict[str, Any] | None = None  # {"since", "failed_attempts", "error"} while down
         self._thread = threading.Thread(target=self._run, name="kubetune-progress", daemon=True)
         self._thread.start()
 
@@ -125,11 +138,27 @@ class ProgressWriter:
         self.flush(timeout)
         self._stop.set()
         self._dirty.set()
-        self._thread.join(timeout=2)
+        self._thread.join(timeout=min(2.0, max(0.1, timeout)))
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return dict(self.doc)
+
+    def outage(self) -> dict[str, Any] | None:
+        """{"since", "failed_attempts", "error"} while writes to the store fail, else None."""
+        with self._lock:
+            return dict(self._outage) if self._outage else None
+
+    def _write_local(self, doc: dict[str, Any]) -> None:
+        if self.local_copy is None:
+            return
+        try:
+            self.local_copy.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.local_copy.with_name(f".{self.local_copy.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(doc, indent=1) + "\n")
+            os.replace(tmp, self.local_copy)
+        except OSError as e:  # a full scratch disk must not stop training either
+            log.debug("could not write %s: %s", self.local_copy, e)
 
     def _run(self) -> None:
         last = 0.0
@@ -145,11 +174,27 @@ class ProgressWriter:
             self._dirty.clear()
             with self._lock:
                 doc, version = dict(self.doc), self._version
+                doc["store_unreachable"] = dict(self._outage) if self._outage else None
+            self._write_local(doc)
             try:
-                self.store.put_bytes(PROGRESS_FILE, (json.dumps(doc, indent=1) + "\n").encode())
+                self.store.put_bytes(
+                    PROGRESS_FILE, (json.dumps({**doc, "store_unreachable": None}, indent=1) + "\n").encode()
+                )
                 self._failures = 0
+                if self._outage is not None:
+                    log.warning(
+                        "the store answers again (it was unreachable since %s)", self._outage["since"]
+                    )
+                    with self._lock:
+                        self._outage = None
+                    self._write_local({**doc, "store_unreachable": None})
             except Exception as e:  # never fatal: the next write may work
                 self._failures += 1
+                with self._lock:
+                    since = self._outage["since"] if self._outage else _now()
+                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                    self._outage = {"since": since, "failed_attempts": self._failures, "error": reason}
+                self._write_local({**doc, "store_unreachable": dict(self._outage)})
                 if self._failures in (1, 10) or self._failures % 100 == 0:
                     log.warning(
                         "could not write %s (%d failures): %s",
@@ -164,6 +209,14 @@ class ProgressWriter:
             with self._written:
                 self._written_version = max(self._written_version, version)
                 self._written.notify_all()
+
+
+def local_progress_path(job: str, output_uri: str) -> Path:
+    """Where the trainer keeps the local copy of a job's progress.json on this machine."""
+    from kubetune_trainer.model_loading import cache_root
+
+    digest = hashlib.sha256(output_uri.rstrip("/").encode()).hexdigest()[:12]
+    return cache_root() / "progress" / f"{job}-{digest}.json"
 
 
 def read_progress(store: ObjectStore) -> dict[str, Any] | None:
@@ -216,6 +269,12 @@ def format_progress(p: dict[str, Any], uri: str = "") -> str:
     )
     if p.get("checkpoint_error"):
         lines.append(f"  checkpoint upload failing: {p['checkpoint_error']}")
+    down = p.get("store_unreachable")
+    if down:
+        lines.append(
+            f"  store unreachable since {down.get('since')} ({down.get('failed_attempts')} failed attempts): "
+            f"{down.get('error')}"
+        )
     if p.get("resumed_from"):
         lines.append(f"  resumed from: {p['resumed_from']['uri']} (step {p['resumed_from']['step']})")
     updated = p.get("updated_at")
@@ -236,12 +295,26 @@ def print_status(job: FineTuneJob) -> int:
     import sys
 
     spec = job.spec
+    local = local_progress_path(job.name, spec.output.uri)
+    try:
+        local_doc = json.loads(local.read_text()) if local.is_file() else None
+    except (OSError, ValueError):
+        local_doc = None
     try:
         store = open_store(spec.output.uri, spec.storage.s3)
         p = read_progress(store)
     except (StoreError, ValueError) as e:
-        print(f"{job.name}: cannot read progress: {e}", file=sys.stderr)
-        return 1
+        if local_doc is None:
+            print(f"{job.name}: cannot read progress: {e}", file=sys.stderr)
+            return 1
+        print(format_progress(local_doc, f"{local} (the local copy: the store did not answer: {e})"))
+        return 0
+    if local_doc is not None and (p is None or str(local_doc.get("updated_at")) > str(p.get("updated_at"))):
+        # the trainer on this machine could not write the store: its local copy is newer
+        print(
+            format_progress(local_doc, f"{local} (the local copy; {store.uri_for(PROGRESS_FILE)} is older)")
+        )
+        return 0
     if p is None:
         print(
             f"{job.name}: no {PROGRESS_FILE} at {store.uri_for(PROGRESS_FILE)} yet (not started?)",
@@ -252,4 +325,7 @@ def print_status(job: FineTuneJob) -> int:
     return 0
 
 
-__all__ = ["ProgressWriter", "empty_progress", "format_progress", "print_status", "read_progress", "STATES"]
+__all__ = [
+    "ProgressWriter", "empty_progress", "format_progress", "local_progress_path", "print_status", "read_progress",
+    "STATES",
+]  # fmt: skip

@@ -23,10 +23,23 @@ During training (`ResilienceCallback`):
   $KUBETUNE_PREEMPT_MARKER (set by `kubetune_trainer.supervise`) and the process exits with
   EXIT_PREEMPTED (75); when it did not, with 1. SIGTERM before training started (nothing new to
   save) exits 75 at once.
+- SIGINT (Ctrl-C) is handled like SIGTERM; the process then says in one line what was committed
+  and exits 130. A second SIGINT stops at once.
+- after SIGTERM/SIGINT every wait is bounded by the grace budget, and a watchdog ends the process
+  (exit 75 when the checkpoint committed, else 1) just before the budget ends if the interpreter
+  is still waiting at exit for upload threads that cannot finish, saying what was committed.
+- a non-transient store error in an upload (access denied, no such bucket) stops training at the
+  next step boundary: nothing more could be committed.
+- before each save, the node-local scratch must have room for it (diskspace.py).
 - rank 0 keeps `<output.uri>/progress.json` current (see progress.py).
 
+Before anything loads, rank 0 puts and deletes a small object under the checkpoint and output
+locations: credentials that may not write fail there, in one line naming the field, the URI and
+where the credentials came from, instead of at the first checkpoint or the final upload.
+
 `finish` (rank 0) waits for the last checkpoint's upload, uploads the local output directory when
-the output URI is s3://, and marks progress.json done.
+the output URI is s3://, and marks progress.json done; both share one budget,
+`checkpoint.upload_timeout_seconds`.
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -43,12 +58,14 @@ from transformers import TrainerCallback
 
 from kubetune.conventions import ENV_ATTEMPT, EXIT_PREEMPTED, METRICS_FILE
 from kubetune_trainer import checkpoints as ck
+from kubetune_trainer.diskspace import free_bytes, no_space_message
 from kubetune_trainer.errors import JobError
-from kubetune_trainer.progress import ProgressWriter
+from kubetune_trainer.progress import ProgressWriter, local_progress_path
 from kubetune_trainer.store import (
     ObjectNotFound,
     ObjectStore,
     StoreError,
+    TransientStoreError,
     local_path_for,
     open_store,
     with_retries,
@@ -62,7 +79,8 @@ log = logging.getLogger("kubetune.resilience")
 
 ENV_PREEMPT_MARKER = "KUBETUNE_PREEMPT_MARKER"  # file the trainer writes after a committed SIGTERM save
 EXIT_MARGIN_SECONDS = 2.0  # of the grace budget, kept for stopping the processes after the commit
-FINAL_UPLOAD_TIMEOUT_SECONDS = 900.0
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+WATCHDOG_MARGIN_SECONDS = 1.0  # the watchdog ends the process this long before the grace budget ends
 FAILURE_UPLOAD_GRACE_SECONDS = 20.0  # torchrun stops the other workers within TORCH_ELASTIC_SHUTDOWN_TIMEOUT
 ENV_TEST_STEP_DELAY = "KUBETUNE_TEST_STEP_DELAY"  # seconds slept after every step (tests, benchmarks)
 
@@ -163,13 +181,17 @@ class Resilience:
         self.out_store: ObjectStore | None = None
         self.uploader: CheckpointUploader | None = None
         self.progress: ProgressWriter | None = None
-        self.sigterm_at: float | None = None
+        self.sigterm_at: float | None = None  # when SIGTERM or SIGINT asked to save and stop
+        self.stop_signal: str | None = None  # "SIGTERM" | "SIGINT"
         self.preempt_step: int | None = None
         self.preempt_committed: bool | None = None
         self.final_step: int | None = None
         self.save_seconds: list[tuple[float, float]] = []  # (Trainer save, hand-off) per checkpoint
         self.last_save = time.monotonic()
         self._old_handler: Any = None
+        self._old_int_handler: Any = None
+        self._inside = False  # between start() and the end of __exit__ (the watchdog's business)
+        self.save_estimate: int | None = None  # bytes of the newest local checkpoint (disk check)
         self.token = ""  # names this attempt's gang in multi-node part lists (rank 0 picks it)
         self.marker = os.environ.get(ENV_PREEMPT_MARKER)
 
@@ -191,39 +213,59 @@ class Resilience:
             return seconds if budget is None else min(seconds, budget)
 
         try:
-            preempted = isinstance(exc, SystemExit) and exc.code == EXIT_PREEMPTED
+            preempted = isinstance(exc, SystemExit) and exc.code in (EXIT_PREEMPTED, EXIT_INTERRUPTED)
+            at_once = preempted or isinstance(exc, KeyboardInterrupt)  # a second Ctrl-C: no waiting
             if exc is not None and self.progress is not None:
-                if preempted:
-                    self.progress.set_state("preempted", "SIGTERM", wait=within(3))
+                if preempted and self.progress.snapshot().get("state") == "preempted":
+                    pass  # _finish_preemption said what was committed
+                elif preempted:
+                    self.progress.set_state("preempted", self.stop_signal or "SIGTERM", wait=within(3))
+                elif isinstance(exc, KeyboardInterrupt):
+                    self.progress.set_state("failed", "interrupted (second Ctrl-C)", wait=within(1))
                 else:
                     reason = f"{type(exc).__name__}: {exc}".strip()
                     self.progress.set_state("failed", reason[:500], wait=within(5))
             if self.uploader is not None:
                 # a crash elsewhere in the gang: a checkpoint already handed over still gets its chance
-                self.uploader.close(timeout=0 if preempted else within(FAILURE_UPLOAD_GRACE_SECONDS))
+                self.uploader.close(
+                    timeout=0 if at_once else within(FAILURE_UPLOAD_GRACE_SECONDS), join_timeout=within(5)
+                )
             if self.progress is not None:
-                self.progress.close(timeout=within(3))
+                self.progress.close(timeout=within(1 if at_once else 3))
         finally:
+            self._inside = False
             if self._old_handler is not None:
                 signal.signal(signal.SIGTERM, self._old_handler)
+            if self._old_int_handler is not None:
+                signal.signal(signal.SIGINT, self._old_int_handler)
 
     def start(self) -> None:
         g = self.gang
-        self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._inside = True
+        self._old_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        if threading.current_thread() is threading.main_thread():
+            self._old_int_handler = signal.signal(signal.SIGINT, self._on_signal)
         g.setup()
         spec = self.spec
         s3 = spec.storage.s3
         self.ckpt_store = open_store(spec.checkpoint_uri(), s3)
+        denied = None
         if g.is_main:
             self.out_store = open_store(spec.output.uri, s3)
+            denied = self._probe_writes()
+        if g.is_main and not (denied and denied.startswith("spec.output.uri")):
+            # its own client without botocore's retries: the writer retries every few seconds itself,
+            # and each failed write counts in "store unreachable since T (N failed attempts)"
+            progress_store = open_store(spec.output.uri, s3, max_attempts=1)
             self.progress = ProgressWriter(
-                self.out_store,
+                progress_store,
                 job=self.job.metadata.name,
                 attempt=int(os.environ.get(ENV_ATTEMPT, "0") or 0),
                 world_size=g.world_size,
+                local_copy=local_progress_path(self.job.metadata.name, spec.output.uri),
             )
             self.progress.set_state("starting")
-        self._resolve_resume()
+        self._resolve_resume(denied)
         if g.is_main:
             self._restore_metrics()
         if g.local_rank == 0:
@@ -252,15 +294,43 @@ class Resilience:
     def callbacks(self) -> list[TrainerCallback]:
         return [ResilienceCallback(self)]
 
+    def _probe_writes(self) -> str | None:
+        """Rank 0: put and delete a small object under the checkpoint and the output location.
+
+        Returns the one-line reason when one of them may not be written (None when both may).
+        """
+        assert self.ckpt_store is not None and self.out_store is not None
+        key = f".kubetune-write-probe-{uuid.uuid4().hex[:12]}"
+        # the output first: when it is denied there is nowhere to report anything, not even progress
+        for field, store in (("spec.output.uri", self.out_store), ("spec.checkpoint.uri", self.ckpt_store)):
+
+            def probe(store: ObjectStore = store) -> None:
+                store.put_bytes(key, b"kubetune write probe\n")
+                store.delete(key)
+
+            try:
+                with_retries(probe, what=f"write probe of {store.uri}", attempts=6)
+            except TransientStoreError:
+                raise  # unreachable, not denied: the attempt fails and a later one tries again
+            except (StoreError, OSError) as e:
+                source = getattr(store, "credentials_source", None)
+                creds = f"; S3 credentials from {source}" if source and source not in str(e) else ""
+                return f"{field}: cannot write to {store.uri}: {e}{creds}"
+        return None
+
     # ------------------------------------------------------------ resume
-    def _resolve_resume(self) -> None:
-        """Agree on the newest committed checkpoint, download it once per node, verify it."""
+    def _resolve_resume(self, denied: str | None = None) -> None:
+        """Agree on the newest committed checkpoint, download it once per node, verify it.
+
+        `denied`: rank 0's write-probe failure, raised on every rank."""
         g = self.gang
         spec = self.spec
         assert self.ckpt_store is not None
         store = self.ckpt_store
         listing: dict[str, Any] = {}
-        if g.is_main:
+        if g.is_main and denied:
+            listing = {"error": denied, "kind": "denied"}
+        elif g.is_main:
             try:
                 # nothing is uploading now: step dirs without COMMITTED are leftovers of a dead attempt
                 with_retries(lambda: ck.clean_uncommitted(store), what="listing checkpoints", attempts=6)
@@ -281,6 +351,8 @@ class Resilience:
                 listing = {"error": str(e), "kind": type(e).__name__}
         listing = g.broadcast(listing)
         self.token = listing.get("token", "")
+        if listing.get("kind") == "denied":
+            raise JobError(listing["error"])
         if "error" in listing:
             if listing["kind"] in ("StoreError", "TransientStoreError", "ObjectNotFound"):
                 raise StoreError(f"checkpoints at {spec.checkpoint_uri()}: {listing['error']}")
@@ -289,18 +361,24 @@ class Resilience:
         local_root = self.workdir / "resume"
         for step, name, uri, manifest_json in listing["candidates"]:
             c = ck.Checkpoint(step, name, uri, ck.Manifest.from_json(manifest_json))
-            corrupt, unreachable = 0.0, 0.0
+            corrupt, unreachable, no_space = 0.0, 0.0, 0.0
+            full: JobError | None = None
+            why = "its files failed verification on another node"
             if g.local_rank == 0:
                 try:
                     ck.download(store, c, local_root)
                 except ck.CorruptCheckpoint as e:
                     log.warning("node %d: cannot use %s: %s", g.node_rank, c.uri, e)
-                    corrupt = 1.0
+                    corrupt, why = 1.0, str(e)
                 except StoreError as e:
                     log.error("node %d: cannot download %s: %s", g.node_rank, c.uri, e)
                     unreachable = 1.0
+                except JobError as e:  # no room for it on this node's scratch
+                    full, no_space = e, 1.0
             # also the barrier: the node's other ranks wait here until local rank 0 has it
-            corrupt, unreachable = g.max([corrupt, unreachable])
+            corrupt, unreachable, no_space = g.max([corrupt, unreachable, no_space])
+            if no_space:
+                raise full or JobError(f"another node has no disk space for checkpoint {c.uri}")
             if unreachable:
                 # not the checkpoint's fault: falling back to an older one (or to step 0) would
                 # throw work away, so this attempt fails and the next one tries again
@@ -312,6 +390,8 @@ class Resilience:
                 break
             if g.is_main:
                 log.warning("skipping %s; trying the previous committed checkpoint", c.uri)
+                # else the step retrained from the fallback would count as already committed
+                ck.decommit(store, c, why)
         if chosen is None:
             if g.is_main:
                 log.info("no committed checkpoint in %s: starting from step 0", store.uri)
@@ -365,23 +445,86 @@ class Resilience:
                 except StoreError as e:
                     log.warning("could not upload %s: %s", METRICS_FILE, e)
 
-    # ------------------------------------------------------------ SIGTERM
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
+    # ------------------------------------------------------------ SIGTERM, SIGINT
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.stop_signal == "SIGINT":
+            log.warning("second SIGINT: stopping now, without waiting for the checkpoint")
+            raise KeyboardInterrupt
         if self.sigterm_at is None:
             self.sigterm_at = time.monotonic()
+            self.stop_signal = name
             log.warning(
-                "SIGTERM (phase %s): saving at the next step boundary, within %ds",
+                "%s (phase %s): saving at the next step boundary, within %ds%s",
+                name,
                 self.phase,
                 self.spec.checkpoint.sigterm_grace_seconds,
+                "; Ctrl-C again to stop at once" if signum == signal.SIGINT else "",
             )
+            if self.phase != "setup" and _is_trainer_process():
+                self._start_watchdog()
+        elif signum == signal.SIGINT:
+            self.stop_signal = name  # a Ctrl-C after SIGTERM: the next one stops at once
         if self.phase == "setup":
             # nothing trained since the last committed checkpoint: leave now, resumable
             self._write_marker()
-            raise SystemExit(EXIT_PREEMPTED)
+            self._say("stopped before training started; nothing new to save")
+            raise SystemExit(self._exit_code())
         if self.phase == "after" and (self.uploader is None or self._final_committed()):
             # training is over and its last checkpoint is safe: a relaunch only redoes the export
             self._write_marker()
-            raise SystemExit(EXIT_PREEMPTED)
+            self._say(
+                f"stopped after the last step; checkpoint {self.final_step} committed; run again to export"
+            )
+            raise SystemExit(self._exit_code())
+
+    def _exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.stop_signal == "SIGINT" else EXIT_PREEMPTED
+
+    def _say(self, what: str) -> None:
+        """The one line an interrupted run ends with (rank 0; Ctrl-C is for people)."""
+        if self.stop_signal == "SIGINT" and self.gang.is_main:
+            print(f"kubetune: interrupted: {what}", file=sys.stderr, flush=True)
+
+    def _committed_summary(self) -> str:
+        step = self.preempt_step if self.preempt_step is not None else self.final_step
+        last = self.uploader.last_committed if self.uploader is not None else None
+        before = last.step if last is not None else self.resumed.step if self.resumed is not None else None
+        done = self.preempt_committed or (last is not None and step is not None and last.step >= step)
+        if step is None:
+            return f"last committed checkpoint: {before if before is not None else 'none'}"
+        if done:
+            return f"checkpoint step {step} committed"
+        return (
+            f"checkpoint step {step} NOT committed; last committed checkpoint: "
+            f"{before if before is not None else 'none (a relaunch starts at step 0)'}"
+        )
+
+    def _start_watchdog(self) -> None:
+        """End the process just before the grace budget ends when it is still exiting then (the
+        interpreter joins boto3's transfer threads at exit, and an upload through a dead or slow
+        store does not finish): the kubelet's SIGKILL would come without a word."""
+        end = (self.sigterm_at or time.monotonic()) + self.spec.checkpoint.sigterm_grace_seconds
+        fire_at = end - WATCHDOG_MARGIN_SECONDS
+
+        def watch() -> None:
+            while time.monotonic() < end:
+                time.sleep(max(0.0, min(0.2, fire_at - time.monotonic())))
+                if time.monotonic() < fire_at:
+                    continue
+                # the main thread is gone: the interpreter waits at exit for threads (boto3's
+                # transfers) that cannot finish; every wait of our own is bounded by the budget
+                if not threading.main_thread().is_alive():
+                    committed = bool(self.preempt_committed) or self._final_committed()
+                    print(
+                        f"kubetune: {self.stop_signal}: exiting before checkpoint.sigterm_grace_seconds="
+                        f"{self.spec.checkpoint.sigterm_grace_seconds} ends; {self._committed_summary()}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    os._exit(self._exit_code() if committed else 1)
+
+        threading.Thread(target=watch, name="kubetune-watchdog", daemon=True).start()
 
     def _final_committed(self) -> bool:
         u = self.uploader
@@ -413,16 +556,17 @@ class Resilience:
             committed = self.uploader.wait_for_step(step, timeout=max(0.0, self.deadline - time.monotonic()))
             if committed:
                 log.warning(
-                    "preempted: checkpoint step %d committed %.1fs after SIGTERM",
+                    "preempted: checkpoint step %d committed %.1fs after %s",
                     step,
                     time.monotonic() - (self.sigterm_at or 0),
+                    self.stop_signal,
                 )
             else:
                 log.error("preempted: checkpoint step %d NOT committed within the grace budget", step)
             if self.progress is not None:
                 self.progress.set_state(
                     "preempted",
-                    f"SIGTERM; checkpoint step {step} "
+                    f"{self.stop_signal}; checkpoint step {step} "
                     + ("committed" if committed else "not committed in time"),
                     wait=max(0.5, min(3.0, (self.deadline or 0) - time.monotonic())),
                 )
@@ -437,52 +581,81 @@ class Resilience:
         """After run_training returned (every rank)."""
         self.phase = "after"
         if self.preempt_committed is not None:
+            step = self.preempt_step
+            if self.stop_signal == "SIGINT":
+                if self.preempt_committed:
+                    self._say(f"at step {step}; checkpoint {step} committed; run again to resume")
+                else:
+                    self._say(
+                        f"at step {step}; {self._committed_summary()} (not within "
+                        f"checkpoint.sigterm_grace_seconds={self.spec.checkpoint.sigterm_grace_seconds}); "
+                        "run again to resume from it"
+                    )
+                raise SystemExit(EXIT_INTERRUPTED)
             if not self.preempt_committed:
                 raise JobError(
-                    f"preempted (SIGTERM) and the checkpoint of step {self.preempt_step} could not be committed "
+                    f"preempted ({self.stop_signal}) and the checkpoint of step {step} could not be committed "
                     f"within checkpoint.sigterm_grace_seconds={self.spec.checkpoint.sigterm_grace_seconds}; "
-                    f"the job resumes from the previous committed checkpoint"
+                    f"{self._committed_summary()}: the job resumes from there"
                 )
             return
         if not getattr(result, "completed", True):
             return
+        # one budget for the last checkpoint and the output together (a long outage is seen once)
+        end = time.monotonic() + self.spec.checkpoint.upload_timeout_seconds
+        if self.deadline is not None:
+            end = min(end, self.deadline)
         if not self.gang.is_main:
             # rank 0 commits the last checkpoint only with this node's part in it
-            if self.uploader is not None and not self.uploader.wait_idle(self._final_timeout()):
+            if self.uploader is not None and not self.uploader.wait_idle(max(0.0, end - time.monotonic())):
                 log.warning(
                     "node %d: its part of the last checkpoint was not uploaded in time", self.gang.node_rank
                 )
             return
         assert self.uploader is not None and self.progress is not None and self.out_store is not None
         self.progress.set_state("saving", "uploading the last checkpoint and the output")
-        timeout = self._final_timeout()
-        if not self.uploader.wait_idle(timeout):
-            log.warning("the last checkpoint was not committed within %.0fs", timeout)
+        idle = self.uploader.wait_idle(max(0.0, end - time.monotonic()))
         if self.uploader.last_error:
             log.warning("%s", self.uploader.last_error)
         self._log_checkpoint_costs()
+        if self.uploader.fatal_error:
+            raise JobError(f"spec.checkpoint.uri: {self.uploader.fatal_error}")
         if self.sigterm_at is not None:  # SIGTERM after the last step: exit resumable if the end is safe
             if self._final_committed():
                 self._write_marker()
-                raise SystemExit(EXIT_PREEMPTED)
-            raise JobError("preempted (SIGTERM) before the last checkpoint was committed")
+                self._say(f"after the last step; checkpoint {self.final_step} committed; run again to export")
+                raise SystemExit(self._exit_code())
+            raise JobError(f"preempted ({self.stop_signal}) before the last checkpoint was committed")
+        budget = f"checkpoint.upload_timeout_seconds={self.spec.checkpoint.upload_timeout_seconds}"
+        if not idle:
+            raise TransientStoreError(
+                f"the last checkpoint (step {self.final_step}) was not committed within {budget}"
+                f"{self._outage_note()}; {self._committed_summary()}; the output was not uploaded"
+            )
         if local_path_for(self.spec.output.uri) is None and self.output_dir.is_dir():
             out_store = self.out_store
             t0 = time.monotonic()
-            with_retries(
-                lambda: out_store.upload_dir(self.output_dir, ""),
-                what=f"upload of {self.output_dir} to {out_store.uri}",
-                attempts=None,
-                deadline=time.monotonic() + timeout,
-            )
+            try:
+                with_retries(
+                    lambda: out_store.upload_dir(self.output_dir, ""),
+                    what=f"upload of {self.output_dir} to {out_store.uri}",
+                    attempts=None,
+                    deadline=end,
+                )
+            except TransientStoreError as e:
+                raise TransientStoreError(
+                    f"the output was not uploaded to {out_store.uri} within {budget}{self._outage_note()} "
+                    f"({e}); {self._committed_summary()}"
+                ) from None
             log.info("uploaded %s to %s in %.1fs", self.output_dir, out_store.uri, time.monotonic() - t0)
         self.progress.update(step=getattr(result, "global_step", 0))
         self.progress.set_state("done", None, wait=10)
 
-    def _final_timeout(self) -> float:
-        if self.deadline is not None:
-            return max(0.0, self.deadline - time.monotonic())
-        return FINAL_UPLOAD_TIMEOUT_SECONDS
+    def _outage_note(self) -> str:
+        outage = self.progress.outage() if self.progress is not None else None
+        if not outage:
+            return ""
+        return f" (store unreachable since {outage['since']}, {outage['failed_attempts']} failed attempts)"
 
     def _log_checkpoint_costs(self) -> None:
         if not self.save_seconds or self.uploader is None:
@@ -525,11 +698,21 @@ class ResilienceCallback(TrainerCallback):
         if self.step_delay:
             time.sleep(self.step_delay)
         now = time.monotonic()
+        room = self._room_for_a_save(args, kwargs)
         flags = [
             1.0 if r.sigterm_at is not None else 0.0,
             1.0 if self.every_seconds and now - r.last_save >= self.every_seconds else 0.0,
+            1.0 if r.uploader is not None and r.uploader.fatal_error else 0.0,
+            1.0 if room is not None else 0.0,
         ]
-        sigterm, timed = r.gang.max(flags)
+        sigterm, timed, fatal, no_room = r.gang.max(flags)
+        if fatal:
+            # access denied, no such bucket: no checkpoint can ever commit, so training is wasted
+            error = r.uploader.fatal_error if r.uploader is not None else None
+            raise JobError(
+                f"spec.checkpoint.uri: {error or 'another node cannot upload its checkpoint files'}; "
+                f"stopped at step {state.global_step}"
+            )
         if sigterm:
             if r.sigterm_at is None:  # another rank got it: the same budget applies here
                 r.sigterm_at = now
@@ -542,10 +725,29 @@ class ResilienceCallback(TrainerCallback):
             control.should_save = True
         if state.max_steps and state.global_step >= state.max_steps:
             control.should_save = True  # the end is a checkpoint too: a pod lost during export resumes here
+        if no_room and control.should_save:
+            raise JobError(room or "another node has no disk space for the next checkpoint")
         if r.progress is not None:
             r.progress.update(step=state.global_step, total_steps=state.max_steps, epoch=state.epoch or 0.0)
         self._t_step_end = time.monotonic()
         return control
+
+    def _room_for_a_save(self, args: Any, kwargs: dict[str, Any]) -> str | None:
+        """Local rank 0: why the next checkpoint would not fit on this node's scratch, or None."""
+        r = self.res
+        if r.gang.local_rank != 0:
+            return None
+        needed = r.save_estimate
+        if needed is None:
+            needed = _estimate_checkpoint_bytes(kwargs.get("model"), kwargs.get("optimizer"), r)
+            r.save_estimate = needed
+        if not needed:
+            return None
+        needed = int(needed * 1.1) + (1 << 20)  # headroom: trainer_state, RNG files, a little growth
+        free = free_bytes(args.output_dir)
+        if needed <= free:
+            return None
+        return no_space_message("saving a checkpoint", args.output_dir, needed, free)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> Any:
         r = self.res
@@ -569,6 +771,8 @@ class ResilienceCallback(TrainerCallback):
         g.barrier()
         if g.local_rank == 0 and not g.is_main:
             _remove_older_checkpoint_dirs(Path(args.output_dir), step)
+        if g.local_rank == 0:  # the next save needs about as much room as this one took
+            r.save_estimate = _dir_bytes(ckdir)
         preempting = r.sigterm_at is not None and control.should_training_stop
         if r.uploader is not None:
             r.uploader.submit(ckdir, step, urgent=preempting)
@@ -582,6 +786,39 @@ class ResilienceCallback(TrainerCallback):
         self.res.final_step = state.global_step
         self.res.phase = "after"
         return control
+
+
+def _is_trainer_process() -> bool:
+    """Whether this process is `python -m kubetune_trainer` (the watchdog may end it; a test or a
+    notebook using Resilience is left alone)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", "") == "kubetune_trainer.__main__"
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def _estimate_checkpoint_bytes(model: Any, optimizer: Any, res: Resilience) -> int:
+    """Bytes the first checkpoint of this process will take: the resumed one's size, else the saved
+    weights (the adapter only for peft models) plus the optimizer state (Adam: two fp32 tensors per
+    trainable weight). 0 when unknown (FSDP shards: measured after the first save)."""
+    if res.resume_from is not None and res.resume_from.is_dir():
+        return _dir_bytes(res.resume_from)
+    if model is None or res.spec.parallel_config.strategy == "fsdp":
+        return 0
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    saved = trainable if hasattr(model, "peft_config") else params
+    weights = sum(p.numel() * p.element_size() for p in saved)
+    state = 0
+    if optimizer is not None:
+        import torch
+
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+        for st in getattr(inner, "state", {}).values():
+            state += sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
+    return weights + max(state, 2 * 4 * sum(p.numel() for p in trainable))
 
 
 def _remove_older_checkpoint_dirs(root: Path, step: int) -> None:

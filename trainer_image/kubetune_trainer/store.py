@@ -57,6 +57,10 @@ class TransientStoreError(StoreError):
     """The store is unreachable or overloaded right now (connection error, 5xx, throttling)."""
 
 
+class TransferAbandoned(StoreError):
+    """An upload given up on purpose part-way (its `should_stop` turned true); nothing was written."""
+
+
 def _clean_key(key: str) -> str:
     key = key.replace("\\", "/").lstrip("/")
     parts = [p for p in key.split("/") if p not in ("", ".")]
@@ -73,8 +77,14 @@ class ObjectStore(ABC):
 
     # -- the primitives every backend implements
     @abstractmethod
-    def put_file(self, local: str | os.PathLike, key: str) -> None:
-        """Upload a local file to `key` (atomically replaces an existing object)."""
+    def put_file(
+        self, local: str | os.PathLike, key: str, *, should_stop: Callable[[], bool] | None = None
+    ) -> None:
+        """Upload a local file to `key` (atomically replaces an existing object).
+
+        `should_stop`: polled while the bytes go out; when it turns true the upload stops part-way
+        (TransferAbandoned) and leaves no object (a slow upload must not delay a more urgent one).
+        """
 
     @abstractmethod
     def get_file(self, key: str, local: str | os.PathLike) -> Path:
@@ -201,8 +211,10 @@ class _SubStore(ObjectStore):
     def _k(self, key: str) -> str:
         return self._join(self.prefix, key) if key else (self.prefix + "/" if self.prefix else "")
 
-    def put_file(self, local: str | os.PathLike, key: str) -> None:
-        self.parent.put_file(local, self._k(key))
+    def put_file(
+        self, local: str | os.PathLike, key: str, *, should_stop: Callable[[], bool] | None = None
+    ) -> None:
+        self.parent.put_file(local, self._k(key), should_stop=should_stop)
 
     def get_file(self, key: str, local: str | os.PathLike) -> Path:
         return self.parent.get_file(self._k(key), local)
@@ -250,7 +262,10 @@ class LocalStore(ObjectStore):
         """The local path of `key` (no copy needed to read it)."""
         return self.root / _clean_key(key).rstrip("/")
 
-    def put_file(self, local: str | os.PathLike, key: str) -> None:
+    def put_file(
+        self, local: str | os.PathLike, key: str, *, should_stop: Callable[[], bool] | None = None
+    ) -> None:
+        del should_stop  # a local copy is quick
         dst = self.path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
@@ -569,11 +584,19 @@ class S3Store(ObjectStore):
         """Fail early, clearly, when the bucket is missing or the credentials are wrong."""
         self._call("check", None, lambda: self.client.head_bucket(Bucket=self.bucket))
 
-    def put_file(self, local: str | os.PathLike, key: str) -> None:
+    def put_file(
+        self, local: str | os.PathLike, key: str, *, should_stop: Callable[[], bool] | None = None
+    ) -> None:
+        def progress(_sent: int) -> None:  # boto3's transfer callback: raising aborts the upload
+            if should_stop is not None and should_stop():
+                raise TransferAbandoned(f"upload to {self.uri_for(key)} abandoned part-way")
+
         self._call(
             "upload to",
             key,
-            lambda: self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer),
+            lambda: self.client.upload_file(
+                str(local), self.bucket, self._key(key), Config=self.transfer, Callback=progress
+            ),
         )
 
     def get_file(self, key: str, local: str | os.PathLike) -> Path:
@@ -720,7 +743,7 @@ def open_store(uri: str, s3: S3Storage | None = None, **s3_options: Any) -> Obje
 
 
 __all__ = [
-    "ObjectStore", "LocalStore", "S3Store", "StoreError", "ObjectNotFound", "TransientStoreError",
+    "ObjectStore", "LocalStore", "S3Store", "StoreError", "ObjectNotFound", "TransientStoreError", "TransferAbandoned",
     "open_store", "with_retries", "is_transient", "local_path_for", "read_credentials_dir",
     "ENV_S3_CREDENTIALS_DIR", "DEFAULT_S3_CREDENTIALS_DIR",
 ]  # fmt: skip

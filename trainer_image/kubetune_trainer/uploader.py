@@ -9,8 +9,12 @@
 At most one upload is in flight. A checkpoint submitted while one is uploading waits in a
 single pending slot; a newer one replaces it there (the older pending one is dropped: it would
 only be pruned anyway). `submit(..., urgent=True)` (the SIGTERM save) also makes the in-flight
-upload give up at its next file so the urgent one starts at once. An upload whose store is down
-is retried with backoff until it succeeds, is superseded or the uploader closes.
+upload give up at once (part-way through a file) so the urgent one goes first. An upload whose
+store is down is retried with backoff until it succeeds, is superseded or the uploader closes; once
+a newer checkpoint waits, a failing upload is abandoned at its next failed try (the store's
+first good minutes go to the newest checkpoint), while a healthy but slow one still finishes.
+A non-transient error (access denied, no such bucket) is not retried: it is kept in
+`fatal_error`, and the trainer stops on it (nothing more could ever be committed).
 
 On several nodes every node's local rank 0 runs one (`node`, `nodes`, `token`): node K > 0
 uploads its part (its ranks' files and a part list, `checkpoints.upload_part`) and commits
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer import checkpoints as ck
-from kubetune_trainer.store import ObjectStore, is_transient
+from kubetune_trainer.store import ObjectStore, StoreError, is_transient
 
 log = logging.getLogger("kubetune.uploader")
 
@@ -99,6 +103,7 @@ class CheckpointUploader:
         self.last_done_step = -1  # node 0: last committed step; node K: last uploaded part
         self.last_committed: ck.Checkpoint | None = None
         self.last_error: str | None = None
+        self.fatal_error: str | None = None  # a non-transient store error: no upload can succeed
         self.committed_steps: list[int] = []
         self.upload_seconds: list[float] = []
         self._cond = threading.Condition()
@@ -156,8 +161,9 @@ class CheckpointUploader:
                     return False
                 self._cond.wait(left if left is not None else 1.0)
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Finish what is queued (up to `timeout`), then stop the thread. True when everything committed."""
+    def close(self, timeout: float | None = None, join_timeout: float = 5.0) -> bool:
+        """Finish what is queued (up to `timeout`), then stop the thread (waiting up to `join_timeout`
+        for an abandoned upload to wind down). True when everything committed."""
         done = self.wait_idle(timeout)
         with self._cond:
             self._closing = True
@@ -167,7 +173,7 @@ class CheckpointUploader:
                 self._discard(self._pending, "abandoned")
                 self._pending = None
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=join_timeout)
         return done
 
     # ------------------------------------------------------------ worker
@@ -196,8 +202,11 @@ class CheckpointUploader:
                 shutil.rmtree(job.staged, ignore_errors=True)
 
     def _superseded(self, job: _Job) -> bool:
+        return job.cancelled or self._closing or self._newer_pending(job)
+
+    def _newer_pending(self, job: _Job) -> bool:
         pending = self._pending
-        return job.cancelled or self._closing or (pending is not None and pending.step > job.step)
+        return pending is not None and pending.step > job.step
 
     def _send(self, job: _Job) -> ck.Checkpoint | None:
         """One try at uploading `job`: node 0 commits it, node K uploads its part (returns None)."""
@@ -208,7 +217,7 @@ class CheckpointUploader:
         if self.node > 0:
             ck.upload_part(
                 self.store, job.staged, step=job.step, node=self.node, token=self.token,
-                should_stop=stop, workers=self.workers,
+                should_stop=stop, workers=self.workers, give_up=lambda: self._newer_pending(job),
             )  # fmt: skip
             return None
         manifest = ck.build_manifest(
@@ -227,7 +236,7 @@ class CheckpointUploader:
         return ck.commit(
             self.store, job.staged, step=job.step, world_size=self.world_size, spec_hash=self.spec_hash,
             manifest=manifest, should_stop=stop, workers=self.workers,
-            other_nodes=other_nodes if self.nodes > 1 else None,
+            other_nodes=other_nodes if self.nodes > 1 else None, give_up=lambda: self._newer_pending(job),
         )  # fmt: skip
 
     def _upload(self, job: _Job) -> None:
@@ -243,7 +252,7 @@ class CheckpointUploader:
                     result = self._send(job)
                     break
                 except Exception as e:
-                    if job.cancelled or self._closing or not is_transient(e):
+                    if self._superseded(job) or not is_transient(e):
                         raise
                     log.warning("upload of step %d failed (%s); retrying (attempt %d)", job.step, e, attempt)
                     time.sleep(min(30.0, 2.0**attempt))
@@ -255,6 +264,8 @@ class CheckpointUploader:
                         self.on_state("abandoned", job.step)
                 return
             self.last_error = f"upload of checkpoint step {job.step} failed: {e}"
+            if isinstance(e, PermissionError) or (isinstance(e, StoreError) and not is_transient(e)):
+                self.fatal_error = str(e)
             log.error("%s", self.last_error)
             if self.on_state:
                 with contextlib.suppress(Exception):
