@@ -527,17 +527,28 @@ class FineTuneJobSpec(_Model):
             return "preference"
         return fmt
 
-    def training_hash(self) -> str:
-        """Hash of the fields that change what a checkpoint means (model, data, method, weights trained)."""
+    def training_fields(self) -> dict[str, Any]:
+        """The fields that change what a checkpoint means (model, data, method, weights trained) and
+        what the steps after it do (optimizer, learning-rate schedule, batch): a checkpoint written
+        with others is not resumed silently."""
         keep = self.model_dump(
             include={"model", "dataset", "method", "pet_config"},
             mode="json",
         )
         keep["training"] = self.training.model_dump(
-            include={"seq_length", "packing", "seed", "precision", "dpo_beta", "dpo_loss_type"}, mode="json"
-        )
+            include={
+                "seq_length", "packing", "seed", "precision", "dpo_beta", "dpo_loss_type", "dpo_sft_weight",
+                "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay",
+                "max_grad_norm", "optimizer", "per_device_train_batch_size", "gradient_accumulation_steps",
+            },
+            mode="json",
+        )  # fmt: skip
         keep["parallel_strategy"] = self.parallel_config.strategy
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+        return keep
+
+    def training_hash(self) -> str:
+        """Hash of `training_fields`."""
+        return hashlib.sha256(json.dumps(self.training_fields(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- cross-field rules

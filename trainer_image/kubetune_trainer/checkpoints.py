@@ -449,17 +449,35 @@ def candidates(
     on_spec_change: str = "refuse",
     world_size: int | None = None,
     strategy: str = "ddp",
+    spec_fields: dict[str, Any] | None = None,
+    max_steps: int | None = None,
 ) -> list[Checkpoint]:
     """Committed checkpoints this job may resume from, newest first, after the cheap checks.
 
     Skips (with a warning) ones whose files are missing or of the wrong size. The newest one from a
     different spec raises SpecMismatch unless on_spec_change == "start_over" (then foreign ones
-    are ignored). A sharded (fsdp) checkpoint resumes on another gang size, but not on one process
-    (CheckpointError).
+    are ignored); so does the newest one past `max_steps` (nothing would be left to train). A
+    sharded (fsdp) checkpoint resumes on another gang size, but not on one process
+    (CheckpointError). `spec_fields` (`FineTuneJobSpec.training_fields()`) lets the refusal name
+    the fields that changed.
     """
     committed, _ = scan(store)
     out = []
     for ckpt in reversed(committed):
+        if max_steps and ckpt.step > max_steps and ckpt.manifest.spec_hash == spec_hash:
+            if on_spec_change == "start_over":
+                log.warning(
+                    "ignoring %s: past max_steps %d; on_spec_change is start_over", ckpt.uri, max_steps
+                )
+                continue
+            if out:
+                continue
+            raise SpecMismatch(
+                f"the newest checkpoint {ckpt.uri} is at step {ckpt.step}, past spec.training.max_steps "
+                f"{max_steps}: nothing would be left to train and the export would be overwritten. Refusing to "
+                f"resume from it. Restore max_steps >= {ckpt.step} (or --max-steps), point checkpoint.uri "
+                f"elsewhere, or set checkpoint.on_spec_change: start_over to ignore old checkpoints."
+            )
         if ckpt.manifest.spec_hash != spec_hash:
             if on_spec_change == "start_over":
                 log.warning(
@@ -472,9 +490,11 @@ def candidates(
             if out:
                 # an older foreign checkpoint behind a valid newer own one: irrelevant
                 continue
+            changed = _changed_fields(ckpt.manifest.extra.get("spec_fields"), spec_fields)
+            what = f"spec ({changed})" if changed else "model/data/method spec"
             raise SpecMismatch(
                 f"the newest checkpoint {ckpt.uri} (step {ckpt.step}) was written by a job with a different "
-                f"model/data/method spec (training hash {ckpt.manifest.spec_hash}; this job's is {spec_hash}). "
+                f"{what} (training hash {ckpt.manifest.spec_hash}; this job's is {spec_hash}). "
                 f"Refusing to resume from it. Restore the original spec, point checkpoint.uri elsewhere, or set "
                 f"checkpoint.on_spec_change: start_over to ignore old checkpoints."
             )
@@ -511,6 +531,23 @@ def candidates(
             )
         out.append(ckpt)
     return out
+
+
+def _changed_fields(then: Any, now: dict[str, Any] | None) -> str:
+    """Which fields differ between two `training_fields()`: "spec.training.learning_rate 0.001 -> 0.002"."""
+    if not isinstance(then, dict) or now is None:
+        return ""
+
+    def flat(d: dict[str, Any], prefix: str = "spec.") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            name = "spec.parallel_config.strategy" if k == "parallel_strategy" else f"{prefix}{k}"
+            out.update(flat(v, name + ".") if isinstance(v, dict) else {name: v})
+        return out
+
+    a, b = flat(then), flat(now)
+    diffs = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(diffs[:5])
 
 
 def download(

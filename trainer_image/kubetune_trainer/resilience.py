@@ -283,6 +283,8 @@ class Resilience:
                     "world_size": g.world_size,
                     "pet_type": spec.pet_config.pet_type,
                     "method": spec.method,
+                    "spec_fields": spec.training_fields(),  # names what changed when a resume is refused
+                    "max_steps": spec.training.max_steps,
                 },
                 on_commit=self._on_commit if main else None,
                 on_state=self._on_upload_state if main else None,
@@ -341,6 +343,8 @@ class Resilience:
                         on_spec_change=spec.checkpoint.on_spec_change,
                         world_size=g.world_size,
                         strategy=spec.parallel_config.strategy,
+                        spec_fields=spec.training_fields(),
+                        max_steps=spec.training.max_steps,
                     ),
                     what="listing checkpoints",
                     attempts=6,
@@ -400,6 +404,13 @@ class Resilience:
         self.resume_from = local_root / chosen.name
         if g.is_main:
             log.info("resuming from %s (step %d)", chosen.uri, chosen.step)
+            was, now = chosen.manifest.extra.get("max_steps"), spec.training.max_steps
+            if now and was and was != now:  # past max_steps is refused in ck.candidates
+                log.warning(
+                    "spec.training.max_steps is %d, the checkpoint of step %d was written by a run of %d steps: "
+                    "training continues from step %d to %d (the learning-rate schedule spans %d steps now)",
+                    now, chosen.step, was, chosen.step, now, now,
+                )  # fmt: skip
             assert self.progress is not None
             ref = {"uri": chosen.uri, "step": chosen.step}
             self.progress.update(resumed_from=ref, last_checkpoint=ref, step=chosen.step)
