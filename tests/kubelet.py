@@ -11,6 +11,8 @@ each pod's container command as a local process (in its own process group) with 
   secretKeyRef and configMapKeyRef read from the API; $(VAR) expanded in command and args;
   cluster DNS names (<pod>.<service>.<ns>.svc[.cluster.local]) resolve to 127.0.0.1 (with `ports`
   moving well-known ports such as torchrun's 29500 to free ones, since every pod shares the host);
+  with `dns_delay` the names stay and resolve through the DNS stand-in (tests/dns_standin.py), only
+  `dns_delay` seconds after the kubelet starts the pod, as on a cluster whose DNS lags pod creation;
 - status: Pending (ContainerCreating) -> Running -> Succeeded/Failed with the container's exit code
   (128+signal when killed), reason Completed/Error/OOMKilled, and the log tail as the message;
 - deletion: a pod with deletionTimestamp gets SIGTERM on its main process, SIGKILL for the whole
@@ -42,6 +44,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.dns_standin import ClusterDNS, pod_names
+
 DNS = re.compile(r"\b[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc(\.cluster\.local)?\b")
 
 
@@ -71,6 +75,10 @@ class Kubelet:
     extra_env: dict[str, str] = field(default_factory=dict)
     # Ports of cluster addresses moved on this machine (all pods share 127.0.0.1): {29500: 41234}.
     ports: dict[int, int] = field(default_factory=dict)
+    # Cluster DNS that publishes a pod's names only this many seconds after its container starts
+    # (tests/dns_standin.py); None: names are rewritten to 127.0.0.1 and always resolve.
+    dns_delay: float | None = None
+    dns: ClusterDNS | None = field(default=None, init=False)
     pods: dict[tuple[str, str], Running] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -94,6 +102,8 @@ class Kubelet:
                 await asyncio.gather(*(r.task for r in self.pods.values() if r.task), return_exceptions=True)
 
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.dns_delay is not None:
+            self.dns = ClusterDNS(self.workdir / "dns")
         self._thread = threading.Thread(target=asyncio.run, args=(main(),), name="kubelet", daemon=True)
         self._thread.start()
         if not ready.wait(30):
@@ -242,6 +252,8 @@ class Kubelet:
         base = self.workdir / ns / name
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
+        if self.dns is not None:
+            asyncio.get_running_loop().call_later(self.dns_delay or 0, self.dns.publish, pod_names(pod))
         run.log = base / "log.txt"
         await self._patch_status(pod, {
             "phase": "Pending", "hostIP": "127.0.0.1",
@@ -372,10 +384,11 @@ class Kubelet:
             paths = "|".join(re.escape(m.rstrip("/")) for m in sorted(mounts, key=len, reverse=True))
             local = {m.rstrip("/"): str(d) for m, d in mounts.items()}
             text = re.sub(rf"(?<![\w.-])({paths})(?=/|$|[\s:;,\"'])", lambda m: local[m.group(1)], text)
-        text = DNS.sub("127.0.0.1", text)
+        if self.dns is None:
+            text = DNS.sub("127.0.0.1", text)
         return re.sub(
-            r"\b127\.0\.0\.1:(\d+)\b",
-            lambda m: f"127.0.0.1:{self.ports.get(int(m.group(1)), m.group(1))}",
+            rf"\b(?P<host>127\.0\.0\.1|{DNS.pattern}):(?P<port>\d+)\b",
+            lambda m: f"{m['host']}:{self.ports.get(int(m['port']), m['port'])}",
             text,
         )
 
@@ -387,6 +400,8 @@ class Kubelet:
             "HOME": str(self.workdir / ns / meta["name"]),
         }  # fmt: skip
         env.update(self.extra_env)
+        if self.dns is not None:
+            env.update(self.dns.env(env))
         fields = {
             "metadata.name": meta["name"], "metadata.namespace": ns, "metadata.uid": meta.get("uid", ""),
             "spec.nodeName": self.node, "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1",

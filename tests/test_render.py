@@ -175,6 +175,18 @@ def test_torchrun_arguments_per_rank(nnodes):
     assert {"name": "rdzv", "containerPort": c.RDZV_PORT, "protocol": "TCP"} in container(rank0)["ports"]
 
 
+def test_rank_0_hosts_the_rendezvous_store_by_flag_and_the_others_wait_for_it():
+    """Who hosts the c10d store is said, not guessed from what the endpoint's name resolves to when
+    torchrun starts; every rank retries the endpoint (read_timeout) as long as the join timeout."""
+    gang = pods(render_job(make_job({"parallel_config": {"nnodes": 3}})))
+    confs = [
+        dict(kv.split("=", 1) for kv in flag(container(p)["command"], "--rdzv-conf").split(",")) for p in gang
+    ]
+    assert [conf["is_host"] for conf in confs] == ["1", "0", "0"]
+    for conf in confs:
+        assert conf["read_timeout"] == conf["join_timeout"] == "1800"
+
+
 def test_nproc_per_node_defaults():
     def nproc(spec: dict) -> str:
         return flag(container(pods(render_job(make_job(spec)))[0])["command"], "--nproc-per-node")

@@ -11,10 +11,18 @@ Each pod runs the trainer's supervisor around torchrun:
 
     python -m kubetune_trainer.supervise -- torchrun --nnodes N --nproc-per-node P --node-rank i
         --rdzv-backend c10d --rdzv-endpoint <pod rank 0>.<service>.<ns>.svc:29500 --rdzv-id ...
+        --rdzv-conf is_host=<1 on rank 0, else 0>,join_timeout=1800,read_timeout=1800
         --max-restarts K -m kubetune_trainer --config /etc/kubetune/job.yaml
 
-The rendezvous name resolves before any pod is ready because the headless service publishes
-not-ready addresses. Pods meet the "restricted" Pod Security Standard: the root filesystem is
+Rendezvous does not depend on DNS timing. Left alone, torchrun hosts the c10d store in the pod whose
+own addresses the endpoint's name resolves to when it starts; a record that is not published yet
+(or negative-cached) leaves no pod hosting it. So rank 0 is told (`is_host=1`, the others
+`is_host=0`), and `read_timeout` equals the join timeout: TCPStore retries connecting, name lookup
+included, until that timeout (torchrun's default is 60 s), so every rank, rank 0's own store client
+too, waits for rank 0's name as long as for a late pod. The price: a store operation against a peer
+that hangs without dying also waits that long (a lost node is handled by the operator). The record
+comes once the pod has an IP, not once it is ready: the headless service publishes not-ready
+addresses. Pods meet the "restricted" Pod Security Standard: the root filesystem is
 read-only and everything the trainer writes goes to emptyDirs (/tmp with the caches, /dev/shm).
 S3 credentials are only ever a reference: the job's Secret is mounted where the trainer's object
 store looks for it (kubetune_trainer.store), never copied into the manifests.
@@ -198,7 +206,10 @@ def torchrun_command(job: FineTuneJob, attempt: int, rank: int) -> list[str]:
         "--rdzv-backend", "c10d",
         "--rdzv-endpoint", naming.rdzv_endpoint(job.name, job.namespace, attempt),
         "--rdzv-id", f"{job_uid(job) or job.name}-a{attempt}",
-        "--rdzv-conf", f"join_timeout={RDZV_JOIN_TIMEOUT_SECONDS}",
+        # Rank 0 hosts the store whether or not its name resolves yet; every rank retries the name
+        # (read_timeout is also TCPStore's connect deadline) as long as it waits for late pods.
+        "--rdzv-conf", f"is_host={int(rank == 0)},join_timeout={RDZV_JOIN_TIMEOUT_SECONDS},"
+                       f"read_timeout={RDZV_JOIN_TIMEOUT_SECONDS}",
         "--max-restarts", str(p.max_worker_restarts),
         "-m", "kubetune_trainer",
         "--config", c.CONFIG_PATH,
