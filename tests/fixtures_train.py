@@ -119,3 +119,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, train_job: Callable[..., A
         return done[case]
 
     return run
+
+
+def write_job_file(job: Any, path: Path, **spec: Any) -> Path:
+    """Write `job` (a FineTuneJob) as YAML, with top-level spec sections (checkpoint=..., storage=...)
+    set or merged in; None values are left out."""
+    import yaml
+
+    doc = job.model_dump(mode="json", exclude_none=True)
+    for key, value in spec.items():
+        if value is not None:
+            doc["spec"][key] = {**doc["spec"].get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path

@@ -15,6 +15,7 @@ Only global rank 0 calls :func:`export_final`.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -55,6 +56,7 @@ def export_final(
             adapter, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
         )
         tokenizer.save_pretrained(adapter)
+        _record_base_model(adapter, spec.model.uri)
         written["adapter"] = adapter
         if not spec.output.merge_adapter:
             return written
@@ -99,6 +101,26 @@ def merge_onto_base(model_dir: Path, adapter_dir: Path, plan: MethodPlan, precis
         if getattr(base.config, "quantization_config", None) is not None:
             del base.config.quantization_config
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def base_model_reference(uri: str) -> str:
+    """What an adapter records as its base: a local model as an absolute path (peft resolves a
+    relative one against the loader's directory), a hub model as its id, others as given."""
+    from kubetune.uris import parse_uri
+
+    u = parse_uri(uri)
+    if u.scheme == "file":
+        return str(Path(u.path).expanduser().absolute())
+    if u.scheme == "hf":
+        return f"{u.netloc}/{u.path}".strip("/") if u.netloc else u.path
+    return uri
+
+
+def _record_base_model(adapter_dir: Path, uri: str) -> None:
+    config = adapter_dir / "adapter_config.json"
+    doc = json.loads(config.read_text(encoding="utf-8"))
+    doc["base_model_name_or_path"] = base_model_reference(uri)
+    config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _fresh_dir(path: Path) -> Path:
