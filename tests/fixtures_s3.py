@@ -5,6 +5,10 @@ Fixtures:
   `.settings()` (a spec S3Storage), `.client()` (boto3), `.new_bucket()`.
 - `s3` (function): a fresh bucket for one test: `.uri(path)`, `.store(path)`, `.env`, `.settings`,
   `.outage(seconds)` / `.pause()` / `.resume()` to make S3 unreachable for a while.
+- `throttled_s3` (function): `throttled_s3(bytes_per_second)` is a second proxy to the same server
+  that passes uploads at that rate (a slow link); `.settings` and `.endpoint` go through it.
+- `eventually(predicate, timeout, what)`: poll until `predicate()` is true (what waiting tests use).
+- The server has a read-only identity too (`readonly_env`): it may read and list, not write.
 
 The server checks signatures (a wrong secret gets 403), so tests see real auth errors. Clients go
 through a small TCP proxy in front of the S3 port; pausing it refuses connections and cuts the open
@@ -73,10 +77,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class PausableProxy:
-    """A TCP proxy 127.0.0.1:port -> upstream that can be paused (connections refused and cut)."""
+def eventually(predicate: Any, timeout: float, what: str) -> Any:
+    """Poll `predicate` until it returns something true (returned); AssertionError after `timeout` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
-    def __init__(self, upstream_port: int, port: int | None = None) -> None:
+
+class PausableProxy:
+    """A TCP proxy 127.0.0.1:port -> upstream that can be paused (connections refused and cut).
+
+    `rate` (bytes/s, 0 = unlimited) throttles what clients send on each connection: a slow upload link.
+    """
+
+    def __init__(self, upstream_port: int, port: int | None = None, rate: float = 0) -> None:
+        self.rate = rate
         self.upstream = ("127.0.0.1", upstream_port)
         self.port = port or free_port()
         self._lock = threading.Lock()
@@ -89,6 +108,10 @@ class PausableProxy:
     def _listen(self) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if (
+            self.rate
+        ):  # a small fixed window (inherited by accepted sockets): the link, not buffers, sets the pace
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         for _ in range(50):
             try:
                 s.bind(("127.0.0.1", self.port))
@@ -160,12 +183,15 @@ class PausableProxy:
         upstream: socket.socket,
         done: list,
     ) -> None:
+        throttled = self.rate > 0 and src is client
         try:
             while True:
-                data = src.recv(65536)
+                data = src.recv(8192 if throttled else 65536)
                 if not data:
                     break
                 dst.sendall(data)
+                if throttled:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         with contextlib.suppress(OSError):
@@ -200,7 +226,9 @@ class SeaweedS3:
                         },
                         {
                             "name": "kubetune-test-readonly",
-                            "credentials": [{"accessKey": READONLY_ACCESS_KEY, "secretKey": READONLY_SECRET_KEY}],
+                            "credentials": [
+                                {"accessKey": READONLY_ACCESS_KEY, "secretKey": READONLY_SECRET_KEY}
+                            ],
                             "actions": ["Read", "List"],
                         },
                     ]
@@ -378,6 +406,38 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         if server.proxy is not None:
             server.proxy.close()
         server.stop()
+
+
+class ThrottledS3:
+    """The session's server behind its own proxy whose uploads pass at `rate` bytes/s."""
+
+    def __init__(self, server: SeaweedS3, rate: float) -> None:
+        self.proxy = PausableProxy(server.s3_port, rate=rate)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.proxy.port}"
+
+    @property
+    def settings(self) -> Any:
+        from kubetune.spec import S3Storage
+
+        return S3Storage(endpoint=self.endpoint, region="us-east-1", addressing_style="path")
+
+
+@pytest.fixture
+def throttled_s3(s3_server: SeaweedS3) -> Iterator[Any]:
+    made: list[ThrottledS3] = []
+
+    def make(rate: float) -> ThrottledS3:
+        made.append(ThrottledS3(s3_server, rate))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for t in made:
+            t.proxy.close()
 
 
 @pytest.fixture

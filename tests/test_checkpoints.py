@@ -15,9 +15,16 @@ from pathlib import Path
 import pytest
 
 from kubetune_trainer import checkpoints as ck
-from kubetune_trainer.progress import ProgressWriter, format_progress, print_status, read_progress
+from kubetune_trainer.progress import (
+    ProgressWriter,
+    format_progress,
+    local_progress_path,
+    print_status,
+    read_progress,
+)
 from kubetune_trainer.store import open_store
 from kubetune_trainer.uploader import CheckpointUploader
+from tests.fixtures_s3 import eventually
 
 HASH = "aaaabbbbccccdddd"
 
@@ -98,6 +105,31 @@ def test_corrupt_newest_falls_back_to_previous(ckstore, tmp_path, caplog):
     assert ckpt.step == 10 and path.name == "step-00000010"
     assert "fails its sha256 check" in caplog.text and "falling back" in caplog.text
     assert not (tmp_path / "r" / "step-00000020").exists()
+
+
+def test_a_checkpoint_rejected_on_resume_is_decommitted_and_its_step_commits_again(ckstore, tmp_path, caplog):
+    """Resume rejects step 30 (sha256) and falls back to 20: 30 is de-committed, so the retrained
+    step 30 commits with its good files and the bad copy never counts toward keep_last."""
+    commit_steps(ckstore, tmp_path, [10, 20, 30])
+    data = bytearray(ckstore.get_bytes("step-00000030/optimizer.pt"))
+    data[7] ^= 0xFF
+    ckstore.put_bytes("step-00000030/optimizer.pt", bytes(data))
+    with caplog.at_level(logging.WARNING, logger="kubetune.checkpoints"):
+        ckpt, _ = ck.resolve(ckstore, tmp_path / "r", spec_hash=HASH)
+    assert ckpt.step == 20
+    assert "de-committing" in caplog.text and "optimizer.pt fails its sha256 check" in caplog.text
+    assert [c.step for c in ck.list_committed(ckstore)] == [10, 20]
+    retrained = fake_checkpoint(tmp_path / "again", 30)
+    ck.commit(ckstore, retrained, step=30, world_size=2, spec_hash=HASH)
+    ck.prune(ckstore, keep_last=2, spec_hash=HASH)
+    assert [c.step for c in ck.list_committed(ckstore)] == [20, 30]  # the good step 20 is kept
+    got = ck.download(ckstore, ck.latest_committed(ckstore), tmp_path / "r2")
+    assert (got / "optimizer.pt").read_bytes() == (retrained / "optimizer.pt").read_bytes()
+
+    # a file missing (seen in the listing, before any download) is de-committed the same way
+    ckstore.delete("step-00000030/rng_state_0.pth")
+    assert [c.step for c in ck.candidates(ckstore, spec_hash=HASH)] == [20]
+    assert [c.step for c in ck.list_committed(ckstore)] == [20]
 
 
 def test_missing_or_truncated_file_and_bad_manifest_are_skipped(ckstore, tmp_path, caplog):
@@ -228,6 +260,55 @@ def test_upload_survives_ten_seconds_of_s3_outage(s3, ckstore, tmp_path):
     assert [c.step for c in committed] == [100]
     got = ck.download(ckstore, committed[0], tmp_path / "dl")
     assert (got / "optimizer.pt").read_bytes() == (d / "optimizer.pt").read_bytes()
+
+
+def test_a_failing_upload_gives_way_to_a_newer_checkpoint(s3, tmp_path):
+    """S3 down: once step 2 is queued, step 1 (in flight, failing) is abandoned, so step 2 is the
+    one that gets the store's first good minutes."""
+    store = s3.store("jobs/newest/checkpoints", max_attempts=1)
+    events: list[tuple[str, int]] = []
+    up = CheckpointUploader(
+        store, spec_hash=HASH, world_size=1, keep_last=3, staging_dir=tmp_path / "st",
+        on_state=lambda what, step: events.append((what, step)),
+    )  # fmt: skip
+    try:
+        s3.pause()
+        up.submit(fake_checkpoint(tmp_path / "o", 1, world_size=1), 1)
+        eventually(lambda: ("uploading", 1) in events, 10, "the upload of step 1")
+        up.submit(fake_checkpoint(tmp_path / "o", 2, world_size=1), 2)
+        eventually(lambda: ("uploading", 2) in events, 30, "step 2 to replace step 1 while S3 is down")
+        assert ("abandoned", 1) in events
+        s3.resume()
+        assert up.wait_for_step(2, timeout=60)
+    finally:
+        s3.resume()
+        up.close()
+    assert [c.step for c in ck.list_committed(store)] == [2] and up.committed_steps == [2]
+
+
+def test_an_urgent_checkpoint_stops_the_in_flight_upload_part_way(s3, throttled_s3, tmp_path):
+    """A slow link: the SIGTERM checkpoint does not wait for an older one's big files to finish."""
+    slow = throttled_s3(1_000_000)
+    store = open_store(s3.uri("jobs/urgent/checkpoints"), slow.settings)
+    events: list[tuple[str, int]] = []
+    up = CheckpointUploader(
+        store, spec_hash=HASH, world_size=1, keep_last=3, staging_dir=tmp_path / "st",
+        on_state=lambda what, step: events.append((what, step)),
+    )  # fmt: skip
+    try:
+        # larger than the client's socket buffers (4 MB): 8 and 16 s at this rate
+        up.submit(fake_checkpoint(tmp_path / "o", 1, world_size=1, big=16_000_000), 1)
+        eventually(lambda: ("uploading", 1) in events, 10, "the upload of step 1")
+        time.sleep(1.0)  # its big files are on their way
+        up.submit(fake_checkpoint(tmp_path / "o", 2, world_size=1, big=20_000), 2, urgent=True)
+        assert up.wait_for_step(2, timeout=60)
+        step1 = s3.keys("jobs/urgent/checkpoints/step-00000001/")
+    finally:
+        up.close()
+    assert ("abandoned", 1) in events and up.committed_steps == [2]
+    # step 1's big files never completed: they were cut off for step 2, not uploaded first
+    assert not [k for k in step1 if k.endswith(("adapter_model.safetensors", "optimizer.pt"))], step1
+    assert [c.step for c in ck.list_committed(store)] == [2]
 
 
 def test_urgent_submit_abandons_inflight_upload(s3, ckstore, tmp_path):
@@ -395,6 +476,45 @@ def test_progress_writer_and_status(s3, tmp_path, capsys):
     job.spec.output.uri = s3.uri("jobs/none")
     assert print_status(job) == 1
     assert "no progress.json" in capsys.readouterr().err
+
+
+def test_progress_says_since_when_the_store_is_unreachable(s3, tmp_path, capsys, monkeypatch):
+    """While S3 is down the local copy is current and says so; `kubetune status` shows it."""
+    from kubetune.spec import FineTuneJob
+
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "down"},
+            "spec": {
+                "model": {"uri": "file:///m"}, "dataset": {"uri": "file:///d.json"},
+                "output": {"uri": s3.uri("jobs/down")}, "storage": {"s3": {"endpoint": s3.endpoint}},
+            },
+        }
+    )  # fmt: skip
+    local = local_progress_path("down", s3.uri("jobs/down"))
+    w = ProgressWriter(s3.store("jobs/down", max_attempts=1), job="down", interval=0.2, local_copy=local)
+    try:
+        w.update(step=5, total_steps=10)
+        w.set_state("running", wait=10)
+        s3.pause()
+        w.update(step=6)
+        down = eventually(lambda: (w.outage() or {}).get("failed_attempts", 0) >= 2, 30, "two failed writes")
+        assert down
+        doc = json.loads(local.read_text())
+        assert doc["step"] == 6 and doc["store_unreachable"]["failed_attempts"] >= 2
+        assert print_status(job) == 0  # the store does not answer: the local copy
+        out = capsys.readouterr().out
+        assert f"store unreachable since {doc['store_unreachable']['since']} (" in out
+        assert "failed attempts)" in out and "step 6/10" in out and "the local copy" in out
+        s3.resume()
+        assert w.flush(30)
+    finally:
+        s3.resume()
+        w.close()
+    assert w.outage() is None and json.loads(local.read_text())["store_unreachable"] is None
+    assert read_progress(s3.store("jobs/down"))["store_unreachable"] is None
+    assert print_status(job) == 0 and "unreachable" not in capsys.readouterr().out
 
 
 def test_progress_writer_coalesces(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -148,6 +149,48 @@ def test_sigterm_with_s3_down_is_not_reported_as_committed(single_process, s3, t
     assert not single_process.exists()
 
 
+def test_ctrl_c_saves_commits_at_the_next_step_and_says_so(single_process, s3, tmp_path, capsys):
+    job = make_job(s3.uri("jobs/int"), {"s3": {"endpoint": s3.endpoint}}, sigterm_grace_seconds=10)
+    loop = Loop(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        with Resilience(job, workdir=tmp_path / "work") as res:
+            (cb,) = res.callbacks()
+            cb.on_train_begin(loop.args, loop.state, loop.control)
+            loop.step(cb)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C mid-step: only a flag, no KeyboardInterrupt
+            loop.step(cb)
+            assert loop.control.should_save and loop.control.should_training_stop
+            loop.save(cb)  # returns once COMMITTED is written
+            assert res.preempt_committed is True
+            cb.on_train_end(loop.args, loop.state, loop.control)
+            res.finish(type("R", (), {"completed": False, "global_step": 2})())
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "kubetune: interrupted: at step 2; checkpoint 2 committed; run again to resume"
+    )
+    assert [c.step for c in ck.list_committed(s3.store("jobs/int/checkpoints"))] == [2]
+    p = json.loads(s3.store("jobs/int").get_bytes("progress.json"))
+    assert p["state"] == "preempted" and p["reason"] == "SIGINT; checkpoint step 2 committed"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_second_ctrl_c_stops_at_once(single_process, s3, tmp_path):
+    job = make_job(s3.uri("jobs/int2"), {"s3": {"endpoint": s3.endpoint}}, sigterm_grace_seconds=30)
+    loop = Loop(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with Resilience(job, workdir=tmp_path / "work") as res:
+            (cb,) = res.callbacks()
+            cb.on_train_begin(loop.args, loop.state, loop.control)
+            s3.pause()  # the save below could never commit
+            os.kill(os.getpid(), signal.SIGINT)
+            loop.step(cb)
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # impatient user
+            t0 = time.monotonic()
+            loop.save(cb)  # waits for the commit until the second Ctrl-C
+    assert time.monotonic() - t0 < 10  # not the 28 s grace, nor the uploader's 20 s
+    s3.resume()
+
+
 def test_sigterm_before_training_exits_preempted_at_once(single_process, tmp_path):
     job = make_job(str(tmp_path / "out"))
     before = signal.getsignal(signal.SIGTERM)
@@ -178,6 +221,8 @@ def test_start_resumes_from_the_newest_valid_checkpoint(single_process, s3, tmp_
         assert res.resume_from == tmp_path / "work" / "resume" / "step-00000010"
         assert json.loads((res.resume_from / "trainer_state.json").read_text())["global_step"] == 10
     assert "step-00000030" not in store.list_dirs()
+    # the rejected step 20 is no longer committed: its retrained successor will commit normally
+    assert [c.step for c in ck.list_committed(store)] == [10]
     p = json.loads(s3.store("jobs/res").get_bytes("progress.json"))
     assert p["resumed_from"]["step"] == 10
 
@@ -276,3 +321,45 @@ def test_an_upload_that_can_never_succeed_stops_training_at_the_next_step(single
     assert msg.endswith("stopped at step 2")
     p = json.loads((tmp_path / "out" / "progress.json").read_text())
     assert p["state"] == "failed" and f"bucket '{bucket}' does not exist" in p["checkpoint_error"]
+
+
+def test_a_store_down_at_the_end_fails_once_within_upload_timeout_seconds(
+    single_process, s3, tmp_path, capsys, monkeypatch
+):
+    """One budget for the last checkpoint and the output, not one after the other; the failure says
+    since when the store is unreachable, and so does the local progress copy `kubetune status` reads."""
+    from kubetune_trainer.progress import local_progress_path, print_status
+    from kubetune_trainer.store import TransientStoreError
+
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    budget = 6
+    job = make_job(s3.uri("jobs/end"), {"s3": {"endpoint": s3.endpoint}}, upload_timeout_seconds=budget)
+    loop = Loop(tmp_path, max_steps=2)
+    with pytest.raises(TransientStoreError) as e:
+        with Resilience(job, workdir=tmp_path / "work") as res:
+            (cb,) = res.callbacks()
+            cb.on_train_begin(loop.args, loop.state, loop.control)
+            loop.step(cb)
+            loop.save(cb)
+            assert res.uploader.wait_for_step(1, 30)
+            s3.pause()
+            loop.step(cb)
+            loop.save(cb)
+            cb.on_train_end(loop.args, loop.state, loop.control)
+            (res.output_dir / "final").mkdir(parents=True)
+            (res.output_dir / "final" / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+            t0 = time.monotonic()
+            res.finish(type("R", (), {"completed": True, "global_step": 2})())
+    elapsed = time.monotonic() - t0
+    assert budget - 1 < elapsed < budget + 4, elapsed  # two waits back to back would take 2 x budget
+    msg = str(e.value)
+    assert msg.startswith(
+        "the last checkpoint (step 2) was not committed within checkpoint.upload_timeout_seconds=6"
+    )
+    assert "store unreachable since " in msg and "failed attempts)" in msg
+    assert "last committed checkpoint: 1" in msg and "the output was not uploaded" in msg
+    local = json.loads(local_progress_path("cb", s3.uri("jobs/end")).read_text())
+    assert local["state"] == "failed" and local["store_unreachable"]["failed_attempts"] >= 1
+    assert print_status(job) == 0
+    assert f"store unreachable since {local['store_unreachable']['since']}" in capsys.readouterr().out
+    s3.resume()

@@ -139,6 +139,9 @@ class ProgressWriter:
         self._stop.set()
         self._dirty.set()
         self._thread.join(timeout=min(2.0, max(0.1, timeout)))
+        with self._lock:  # the last word stays on this machine even when the store never took it
+            doc = {**self.doc, "store_unreachable": dict(self._outage) if self._outage else None}
+        self._write_local(doc)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -192,6 +192,7 @@ class Resilience:
         self._old_int_handler: Any = None
         self._inside = False  # between start() and the end of __exit__ (the watchdog's business)
         self.save_estimate: int | None = None  # bytes of the newest local checkpoint (disk check)
+        self.end_by: float | None = None  # end of the upload_timeout_seconds budget, once finish() set it
         self.token = ""  # names this attempt's gang in multi-node part lists (rank 0 picks it)
         self.marker = os.environ.get(ENV_PREEMPT_MARKER)
 
@@ -206,8 +207,10 @@ class Resilience:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        # after SIGTERM the kubelet's SIGKILL is near: never wait past the grace budget
-        budget = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        # after SIGTERM the kubelet's SIGKILL is near: never wait past the grace budget; after the
+        # end-of-run budget ran out, do not start waiting all over again
+        ends = [d for d in (self.deadline, self.end_by) if d is not None]
+        budget = None if not ends else max(0.0, min(ends) - time.monotonic())
 
         def within(seconds: float) -> float:
             return seconds if budget is None else min(seconds, budget)
@@ -616,6 +619,7 @@ class Resilience:
         end = time.monotonic() + self.spec.checkpoint.upload_timeout_seconds
         if self.deadline is not None:
             end = min(end, self.deadline)
+        self.end_by = end
         if not self.gang.is_main:
             # rank 0 commits the last checkpoint only with this node's part in it
             if self.uploader is not None and not self.uploader.wait_idle(max(0.0, end - time.monotonic())):

@@ -268,7 +268,20 @@ def run_training(
             dist.world_size, precision.device_type,
         )  # fmt: skip
 
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except Exception as e:
+        from kubetune_trainer import diskspace
+
+        # the check before each save estimates; a disk that filled anyway is still one line
+        if diskspace.is_disk_full(e) or (
+            "write failed" in str(e) and diskspace.free_bytes(ckpt_dir) < 16 * 1024 * 1024
+        ):
+            from kubetune_trainer.errors import JobError
+
+            free = diskspace.free_bytes(ckpt_dir)
+            raise JobError(diskspace.no_space_message("saving a checkpoint", ckpt_dir, None, free)) from None
+        raise
     state = trainer.state
     completed = state.global_step >= state.max_steps
     eval_loss = _last(state.log_history, "eval_loss")
