@@ -725,6 +725,23 @@ class FineTuneJobStatus(BaseModel):
         None, description="While Restarting: the next attempt starts at this time (restart backoff)."
     )
     message: str | None = Field(None, description="Latest human-readable message.")
+    attempt_start_time: str | None = Field(
+        None,
+        description="When the current attempt's pods were created (restart_policy.pending_timeout_seconds).",
+    )
+    active_since: str | None = Field(
+        None, description="Start of the active_deadline_seconds clock: the first start or the last resume."
+    )
+    applied_spec: dict[str, str] | None = Field(
+        None,
+        description="Digests of the pod-shaping fields (image, resources, storage ...) the current attempt runs.",
+    )
+    pending_changes: list[str] | None = Field(
+        None, description="Spec fields edited while the attempt runs; they take effect at the next attempt."
+    )
+    progress_advanced_at: str | None = Field(
+        None, description="When the training step last advanced (restart_policy.progress_timeout_seconds)."
+    )
 
 
 # ---------------------------------------------------------------- the resource

@@ -8,7 +8,10 @@ writes progress.json like the real trainer, and on SIGTERM commits and exits EXI
 Rank 0 writes final/adapter/ and progress state "done" at the end. Only file:// outputs.
 
 Tests steer it with <output>/behaviour.json: {"fail": {"attempt": 1, "rank": 0, "step": 3, "code": 1}}
-(attempt/rank/step may be omitted = any). Every start is appended to <output>/runs.jsonl.
+(attempt/rank/step may be omitted = any; "message" is written to the termination message file, as the
+trainer does for a user error), {"stall": {"step": 3}} (stops advancing there, a hung collective) and
+{"linger": {"rank": 1}} (that rank keeps running after the last step). Every start is appended to
+<output>/runs.jsonl.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from kubetune.conventions import EXIT_PREEMPTED
+from kubetune.conventions import ENV_TERMINATION_MESSAGE_PATH, EXIT_PREEMPTED
 
 
 def main() -> int:
@@ -86,7 +89,11 @@ def main() -> int:
             return EXIT_PREEMPTED
         step += 1
         if fail and hit(fail, step):
+            if fail.get("message") and os.environ.get(ENV_TERMINATION_MESSAGE_PATH):
+                Path(os.environ[ENV_TERMINATION_MESSAGE_PATH]).write_text(fail["message"] + "\n")
             return int(fail.get("code", 1))
+        while behaviour.get("stall") and hit(behaviour["stall"], step) and not stop:
+            time.sleep(0.1)
         if step % every == 0:
             commit(step)
         progress("running", step)
@@ -94,6 +101,8 @@ def main() -> int:
         (out / "final" / "adapter").mkdir(parents=True, exist_ok=True)
         (out / "final" / "adapter" / "adapter_config.json").write_text("{}")
         progress("done", step)
+    while behaviour.get("linger") and hit(behaviour["linger"], step) and not stop:
+        time.sleep(0.1)
     return 0
 
 

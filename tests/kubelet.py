@@ -62,6 +62,8 @@ class Running:
     deleting: bool = False
     lost: bool = False  # the node is "gone": nothing is reported any more
     oom: bool = False
+    evicted: str | None = None  # the kubelet's eviction message (node pressure)
+    termination_log: Path | None = None  # the container's terminationMessagePath, on this host
     task: asyncio.Task | None = None
 
 
@@ -73,6 +75,9 @@ class Kubelet:
     # Replace a pod's command (e.g. a fake trainer): pod -> argv, or None to run the pod's own.
     command_for: Callable[[dict], list[str] | None] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # What the node offers the scheduler ({"nvidia.com/gpu": "8", "ephemeral-storage": "200Gi"});
+    # resources not named here are unlimited.
+    capacity: dict[str, str] = field(default_factory=dict)
     # Ports of cluster addresses moved on this machine (all pods share 127.0.0.1): {29500: 41234}.
     ports: dict[int, int] = field(default_factory=dict)
     # Cluster DNS that publishes a pod's names only this many seconds after its container starts
@@ -84,6 +89,8 @@ class Kubelet:
     _thread: threading.Thread | None = None
     _stop: asyncio.Event | None = None
     _session: aiohttp.ClientSession | None = None
+    _bound: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # pod -> its requests
+    _unbound: dict[tuple[str, str], dict] = field(default_factory=dict)  # pods the scheduler could not place
 
     # ------------------------------------------------------------ lifecycle (from the test thread)
 
@@ -143,8 +150,15 @@ class Kubelet:
 
         return bool(self._call(do))
 
-    def lose_node(self, name: str, namespace: str = "default") -> bool:
-        """The pod's node goes away: its process dies unseen and its status turns Unknown."""
+    def lose_node(self, name: str, namespace: str = "default", delete_after: float | None = None) -> bool:
+        """The pod's node stops reporting, as a real control plane shows it.
+
+        The process dies unseen (no kubelet is left to report it). The node lifecycle controller sets
+        the pod's Ready condition to False (reason NodeNotReady) and leaves its phase Running. After
+        `delete_after` seconds (the pod's toleration of the node.kubernetes.io/unreachable taint, 300 s
+        on a default cluster) the taint manager marks it DisruptionTarget (DeletionByTaintManager) and
+        deletes it gracefully, which no kubelet ever confirms: the pod stays Terminating.
+        """
 
         def do() -> bool:
             run = self.pods.get((namespace, name))
@@ -152,12 +166,47 @@ class Kubelet:
                 return False
             run.lost = True
             self._signal(run, signal.SIGKILL, group=True)
-            asyncio.ensure_future(self._patch_status(run.pod, {
-                "phase": "Unknown", "reason": "NodeLost", "message": f"node {self.node} is not responding",
-                "conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
-                                "lastTransitionTime": now_iso()}],
-            }))  # fmt: skip
+            conditions = [
+                c for c in (run.pod.get("status") or {}).get("conditions") or [] if c["type"] != "Ready"
+            ]
+            conditions.append({"type": "Ready", "status": "False", "reason": "NodeNotReady",
+                               "message": "Node is not ready", "lastTransitionTime": now_iso()})  # fmt: skip
+            asyncio.ensure_future(self._patch_status(run.pod, {"conditions": conditions}))
+            if delete_after is not None:
+                loop = asyncio.get_running_loop()
+                loop.call_later(
+                    delete_after, lambda: asyncio.ensure_future(self._taint_manager_delete(run.pod))
+                )
             return True
+
+        return bool(self._call(do))
+
+    async def _taint_manager_delete(self, pod: dict) -> None:
+        assert self._session is not None
+        ns, name = pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
+        current = await self._get(f"/api/v1/namespaces/{ns}/pods/{name}")
+        conditions = [
+            c
+            for c in (current.get("status") or {}).get("conditions") or []
+            if c["type"] != "DisruptionTarget"
+        ]
+        conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+                           "message": "Taint manager: deleting due to NoExecute taint",
+                           "lastTransitionTime": now_iso()})  # fmt: skip
+        await self._patch_status(pod, {"conditions": conditions})
+        async with self._session.delete(f"/api/v1/namespaces/{ns}/pods/{name}") as r:
+            await r.read()
+
+    def evict(self, name: str, namespace: str = "default", resource: str = "ephemeral-storage") -> bool:
+        """The kubelet evicts the pod for node pressure (a hard threshold: no grace): the container is
+        killed, the pod Failed with reason Evicted, and DisruptionTarget says TerminationByKubelet."""
+
+        def do() -> bool:
+            run = self.pods.get((namespace, name))
+            if run is None or run.proc is None or run.proc.returncode is not None:
+                return False
+            run.evicted = f"The node was low on resource: {resource}. "
+            return self._signal(run, signal.SIGKILL, group=True)
 
         return bool(self._call(do))
 
@@ -213,6 +262,9 @@ class Kubelet:
             self.pods.pop(key)
             run = None
         if etype == "DELETED":
+            self._unbound.pop(key, None)
+            if self._bound.pop(key, None) is not None:
+                await self._reschedule()
             if run is not None:
                 self._signal(run, signal.SIGKILL, group=True)  # force-deleted: the container goes now
                 if run.task is None or run.task.done():
@@ -222,9 +274,7 @@ class Kubelet:
             run.pod = pod
         if not spec.get("nodeName"):
             if not meta.get("deletionTimestamp"):
-                await self._post(f"/api/v1/namespaces/{key[0]}/pods/{key[1]}/binding",
-                                 {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": key[1]},
-                                  "target": {"apiVersion": "v1", "kind": "Node", "name": self.node}})  # fmt: skip
+                await self._schedule(pod)
             return
         if spec["nodeName"] != self.node:
             return
@@ -242,6 +292,64 @@ class Kubelet:
         if run is None and (pod.get("status") or {}).get("phase") in ("Pending", None):
             run = self.pods[key] = Running(pod)
             run.task = asyncio.create_task(self._run(run))
+
+    # ------------------------------------------------------------ the scheduler (one node)
+
+    async def _schedule(self, pod: dict) -> None:
+        """Bind the pod to this node, or say why not as the scheduler does (PodScheduled False)."""
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        key = (meta.get("namespace", "default"), meta["name"])
+        if spec.get("schedulingGates"):
+            self._unbound[key] = pod
+            return await self._unschedulable(
+                pod, "SchedulingGated", "Scheduling is blocked due to non-empty scheduling gates"
+            )
+        short = self._insufficient(pod)
+        if short:
+            self._unbound[key] = pod
+            message = (f"0/1 nodes are available: {', '.join(f'1 Insufficient {r}' for r in short)}. "
+                       "preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.")  # fmt: skip
+            return await self._unschedulable(pod, "Unschedulable", message)
+        self._unbound.pop(key, None)
+        self._bound[key] = _requests(pod)
+        await self._post(f"/api/v1/namespaces/{key[0]}/pods/{key[1]}/binding",
+                         {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": key[1]},
+                          "target": {"apiVersion": "v1", "kind": "Node", "name": self.node}})  # fmt: skip
+
+    def _insufficient(self, pod: dict) -> list[str]:
+        want = _requests(pod)
+        short = []
+        for resource, offered in self.capacity.items():
+            used = sum(r.get(resource, 0.0) for r in self._bound.values())
+            if want.get(resource, 0.0) > _quantity(offered) - used:
+                short.append(resource)
+        return short
+
+    async def _unschedulable(self, pod: dict, reason: str, message: str) -> None:
+        scheduled = next(
+            (c for c in (pod.get("status") or {}).get("conditions") or [] if c["type"] == "PodScheduled"), {}
+        )
+        if (scheduled.get("reason"), scheduled.get("message")) == (reason, message):
+            return  # said already; a new patch would only wake every watcher
+        await self._patch_status(pod, {"conditions": [{"type": "PodScheduled", "status": "False", "reason": reason,
+                                                       "message": message, "lastTransitionTime": now_iso()}]})  # fmt: skip
+
+    async def _reschedule(self) -> None:
+        """Capacity came free (a pod is gone): try the waiting pods again, as the scheduler's queue does."""
+        for pod in list(self._unbound.values()):
+            current = await self._get_or_none(pod)
+            if current is None:
+                self._unbound.pop(
+                    (pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]), None
+                )
+            elif not (current.get("spec") or {}).get("nodeName"):
+                await self._schedule(current)
+
+    async def _get_or_none(self, pod: dict) -> dict | None:
+        assert self._session is not None
+        ns, name = pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
+        async with self._session.get(f"/api/v1/namespaces/{ns}/pods/{name}") as r:
+            return await r.json() if r.status == 200 else None
 
     # ------------------------------------------------------------ running one pod
 
@@ -264,6 +372,10 @@ class Kubelet:
         })  # fmt: skip
         try:
             mounts = await self._volumes(pod, container, base)
+            # The termination message file is a host file mounted into the container, as a kubelet does.
+            run.termination_log = base / "termination-log"
+            run.termination_log.write_text("")
+            mounts[container.get("terminationMessagePath") or "/dev/termination-log"] = run.termination_log
             env = await self._env(pod, container, mounts)
             argv = (self.command_for(pod) if self.command_for else None) or [
                 *container.get("command", []),
@@ -321,17 +433,28 @@ class Kubelet:
             "startedAt": started,
             "finishedAt": now_iso(),
         }
-        if code and run.log and run.log.exists():  # terminationMessagePolicy FallbackToLogsOnError
+        said = run.termination_log.read_text(errors="replace")[:4096] if run.termination_log else ""
+        if said.strip():  # the container's own termination message wins
+            terminated["message"] = said
+        elif code and run.log and run.log.exists():  # terminationMessagePolicy FallbackToLogsOnError
             terminated["message"] = "\n".join(run.log.read_text(errors="replace").splitlines()[-20:])[-2048:]
         ready = [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now_iso()}
                  for t in ("ContainersReady", "Ready")]  # fmt: skip
-        await self._patch_status(pod, {
+        status: dict[str, Any] = {
             "phase": "Succeeded" if code == 0 else "Failed",
             "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}, *ready],
             "containerStatuses": [{"name": container["name"], "ready": False, "started": False, "restartCount": 0,
                                    "image": container.get("image", ""), "imageID": "",
                                    "state": {"terminated": terminated}}],
-        })  # fmt: skip
+        }  # fmt: skip
+        if run.evicted:
+            status.update(phase="Failed", reason="Evicted", message=run.evicted)
+            status["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+                                         "message": run.evicted, "lastTransitionTime": now_iso()})  # fmt: skip
+        await self._patch_status(pod, status)
+        key = (pod["metadata"].get("namespace", "default"), pod["metadata"]["name"])
+        if self._bound.pop(key, None) is not None:  # a finished pod holds no resources
+            await self._reschedule()
         if run.deleting or run.pod["metadata"].get("deletionTimestamp"):
             await self._confirm_deletion(pod)
 
@@ -454,6 +577,27 @@ class Kubelet:
         run = self.pods.get((ns, name))
         if run is not None and run.pod["metadata"].get("uid") == pod["metadata"].get("uid"):
             self.pods.pop((ns, name), None)
+
+
+_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}  # fmt: skip
+
+
+def _quantity(text: str) -> float:
+    """A Kubernetes quantity ("500m", "16Gi", "4") as a number."""
+    m = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(text).strip())
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"not a quantity: {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _requests(pod: dict) -> dict[str, float]:
+    """What the pod asks the scheduler for: the sum of its containers' requests."""
+    total: dict[str, float] = {}
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for resource, amount in ((c.get("resources") or {}).get("requests") or {}).items():
+            total[resource] = total.get(resource, 0.0) + _quantity(amount)
+    return total
 
 
 def _expand(text: str, env: dict[str, str]) -> str:

@@ -465,7 +465,10 @@ def test_a_gang_not_started_by_the_pending_timeout_is_stalled_with_the_reason(
     assert d.status["phase"] == "Pending" and not d.delete_pods  # it keeps waiting, but says so
     stalled = cond(d, "Stalled")
     assert stalled["status"] == "True" and stalled["reason"] == reason and words in stalled["message"]
-    assert "pending_timeout_seconds=900" in stalled["message"] and cond(d, "Reconciling")["status"] == "False"
+    assert (
+        "900s after attempt 1 began (restart_policy.pending_timeout_seconds)" in stalled["message"]
+        and cond(d, "Reconciling")["status"] == "False"
+    )
     assert [(e.type, e.reason) for e in d.events] == [("Warning", "Stalled")]
     again = decide(d.status, gang, s=s, now=later(5))
     assert not again.events  # one event per stall

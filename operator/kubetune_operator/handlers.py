@@ -50,6 +50,7 @@ RECONCILE_INTERVAL = float(os.environ.get("KUBETUNE_RECONCILE_INTERVAL", "5"))
 PROGRESS_INTERVAL = float(os.environ.get("KUBETUNE_PROGRESS_INTERVAL", "15"))
 METRICS_PORT = int(os.environ.get("KUBETUNE_METRICS_PORT", "9090"))
 TRAINER_IMAGE = os.environ.get("KUBETUNE_TRAINER_IMAGE") or None
+REPORTING_INSTANCE = os.environ.get("HOSTNAME", "kubetune-operator")
 
 
 # ---------------------------------------------------------------- the API calls the operator makes
@@ -144,8 +145,24 @@ class Kube:
                 raise
 
     def event(self, job: dict, ev: state.Event) -> None:
-        """A Kubernetes Event on the job (posted by kopf in the background)."""
-        kopf.event(job, type=ev.type, reason=ev.reason, message=ev.message)
+        """A Kubernetes Event on the job, posted directly (from any thread; an Event is auxiliary, so a
+        failure to post one is logged, never fatal)."""
+        meta = job["metadata"]
+        now = dt.datetime.now(dt.timezone.utc).isoformat()
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": job.get("apiVersion"), "kind": job.get("kind"), "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": ev.type, "reason": ev.reason, "message": ev.message[:1000], "action": ev.reason,
+            "reportingComponent": MANAGER, "reportingInstance": REPORTING_INSTANCE,
+            "source": {"component": MANAGER}, "firstTimestamp": now, "lastTimestamp": now, "eventTime": now,
+        }  # fmt: skip
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
+        except ApiException as e:
+            log.warning(
+                "cannot post event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e.reason
+            )
 
 
 def connect() -> Kube:

@@ -147,8 +147,9 @@ def observe_pod(pod: dict[str, Any], container: str = "trainer") -> PodObs:
         rank=int(labels.get(LABEL_RANK, 0) or 0),
         phase=phase,
         exit_code=terminated.get("exitCode"),
-        reason=terminated.get("reason") or status.get("reason"),
-        message=terminated.get("message") or status.get("message"),
+        # a pod-level reason (Evicted, Terminated by a node shutdown) says more than the container's Error
+        reason=status.get("reason") or terminated.get("reason"),
+        message=(status.get("message") if status.get("reason") else None) or terminated.get("message"),
         waiting_reason=waiting.get("reason"),
         unschedulable=scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
         terminating=bool(meta.get("deletionTimestamp")),
@@ -528,8 +529,9 @@ def _waiting(
     stalled = why if stuck else None
     if stalled is None and timeout and waited >= timeout:
         reason, text = why or ("PendingTimeout", "pods not running yet")
-        stalled = (reason, f"{text}; not all pods running {int(waited)}s after attempt {attempt} began "
-                           f"(restart_policy.pending_timeout_seconds={timeout})")  # fmt: skip
+        # no running clock in the message: the status must not change while nothing happens
+        stalled = (reason, f"{text}; not all pods running {timeout}s after attempt {attempt} began "
+                           f"(restart_policy.pending_timeout_seconds)")  # fmt: skip
     reason = why[0] if why else "WaitingForPods"
     d = Decision(_status(o, phase, reason, message, stalled=stalled), delete_pods=deletes)
     if stalled and not any(

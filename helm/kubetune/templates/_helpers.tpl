@@ -82,7 +82,7 @@ app.kubernetes.io/part-of: kubetune
 - apiGroups: [""]
   resources: ["pods", "services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "delete"]
-# Kubernetes Events on every transition (kopf posts core v1 events).
+# Kubernetes Events on every transition (core v1 events, posted by the operator).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
