@@ -15,7 +15,19 @@ from kubetune.spec import API_VERSION, KIND, CrossFieldError, FineTuneJob
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `2e-4` as a float, as Kubernetes does (PyYAML's YAML 1.1 reads a string)."""
+    """SafeLoader that reads `2e-4` as a float, as Kubernetes does (PyYAML's YAML 1.1 reads a string),
+    and refuses deep nesting before PyYAML's recursive composer overflows the stack."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise DocumentTooLarge(f"the document nests deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _Loader.add_implicit_resolver(
@@ -32,9 +44,72 @@ _Loader.add_implicit_resolver(
 )
 
 
+# A FineTuneJob is a few hundred values. Aliases can make a short file expand to billions (a
+# "billion laughs"), which render, the API client and every pod's manifest would then copy; the
+# API server itself stores no object over ~1.5 MiB.
+MAX_VALUES = 10_000
+MAX_TEXT = 1 << 20
+MAX_DEPTH = 64
+
+
+class DocumentTooLarge(ValueError):
+    """A YAML document that expands (through aliases) beyond what a FineTuneJob can be."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def check_expansion(root: yaml.Node) -> None:
+    """Raise DocumentTooLarge when `root`, with every alias expanded, is too big or recursive.
+
+    Each node is measured once (aliases share nodes), so a bomb is measured in time linear in the file.
+    """
+    values: dict[int, int] = {}
+    text: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            kids = _children(node)
+            values[key] = 1 + sum(values[id(k)] for k in kids)
+            text[key] = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(
+                text[id(k)] for k in kids
+            )
+            if values[key] > MAX_VALUES or text[key] > MAX_TEXT:
+                raise DocumentTooLarge(
+                    f"the document expands to more than {MAX_VALUES} values or {MAX_TEXT >> 20} MiB of text "
+                    "(through YAML aliases?); a FineTuneJob is far smaller"
+                )
+            continue
+        if key in values:
+            continue
+        if key in on_path:
+            raise DocumentTooLarge("a YAML alias refers to a node that contains it (a recursive document)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack += [(k, False) for k in _children(node) if id(k) not in values]
+
+
 def load_yaml_documents(text: str) -> list[Any]:
-    """All YAML documents in `text` (empty documents dropped)."""
-    return [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+    """All YAML documents in `text` (empty documents dropped); DocumentTooLarge for alias bombs."""
+    loader = _Loader(text)
+    docs = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            check_expansion(node)
+            docs.append(loader.construct_document(node))
+    finally:
+        loader.dispose()
+    return [d for d in docs if d is not None]
 
 
 @dataclass
@@ -212,6 +287,8 @@ def load_jobs_text(text: str, source: str = "<input>") -> list[FineTuneJob]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         reason = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError([Problem(source, "", f"not valid YAML{where}: {reason}")]) from None
+    except DocumentTooLarge as e:
+        raise SpecError([Problem(source, "", f"refused: {e}")]) from None
     if not docs:
         raise SpecError([Problem(source, "", "empty file: no FineTuneJob found")])
     problems: list[Problem] = []

@@ -136,6 +136,22 @@ BAD_COMBINATIONS = [
     ("backoff-bounds", {"restart_policy": {"backoff_seconds": 600, "max_backoff_seconds": 60}}, "spec.restart_policy.max_backoff_seconds", ">= backoff_seconds"),
 ]  # fmt: skip
 
+
+def _with_affinity(yaml_lines: list[str]) -> str:
+    """BASE with `yaml_lines` written as the body of spec.resources.affinity."""
+    return (
+        yaml.safe_dump(BASE)
+        + "  resources:\n    affinity:\n"
+        + "".join(f"      {line}\n" for line in yaml_lines)
+    )
+
+
+# Ten levels of ten aliases: 10**10 values once expanded, from a 1 KB file ("billion laughs").
+ALIAS_BOMB = _with_affinity(
+    ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)]
+)
+
 # Whole-document problems: (case id, file text, expected words)
 BAD_DOCUMENTS = [
     ("empty-file", "", "empty file"),
@@ -151,6 +167,11 @@ BAD_DOCUMENTS = [
     ("name-too-long", yaml.safe_dump({**BASE, "metadata": {"name": "j" * 64}}), "metadata.name: must be a DNS-1123 label: at most 63"),
     ("name-ends-with-dash", yaml.safe_dump({**BASE, "metadata": {"name": "lora-"}}), "metadata.name: must be a DNS-1123 label"),
     ("no-spec", yaml.safe_dump({k: v for k, v in BASE.items() if k != "spec"}), "spec: required field is missing"),
+    # hostile documents: refused before anything walks them
+    ("alias-bomb", ALIAS_BOMB, "refused: the document expands to more than 10000 values"),
+    ("alias-bomb-of-text", _with_affinity(["t: &t " + "x" * 60000, "l: [" + ", ".join(["*t"] * 20) + "]"]), "1 MiB of text"),
+    ("recursive-alias", _with_affinity(["a: &a {b: *a}"]), "refused: a YAML alias refers to a node that contains it"),
+    ("deep-nesting", "spec: " + "[" * 100000 + "]" * 100000 + "\n", "refused: the document nests deeper than 64 levels"),
 ]  # fmt: skip
 
 
@@ -183,6 +204,14 @@ def test_bad_combination(case: str, patch: dict[str, Any], field: str, words: st
 def test_bad_document(case: str, text: str, words: str) -> None:
     lines = _problems(text)
     assert any(line.startswith("job.yaml") and words in line for line in lines), lines
+
+
+def test_render_refuses_an_alias_bomb_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    assert main(["render", str(bomb)]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"{bomb}: refused: the document expands to more than 10000 values")
 
 
 def test_minimal_job_gets_defaults() -> None:
