@@ -3,7 +3,7 @@
     python benchmarks/operator_scale.py [--jobs 500] [--nnodes 2] [--steady 20] [--append benchmarks/RESULTS.md]
 
 The emulator runs in this process; the operator is `kopf run` of kubetune_operator.handlers in its
-own process with its production settings (reconcile timer 5 s, progress timer 15 s, 16 workers).
+own process with its production settings (reconcile loop every 5 s, progress every 15 s, 16 workers).
 All jobs are created at once (8 client threads); then we measure:
 
 1. time until every job has its whole gang of pods (and its status says attempt 1), and until the
@@ -143,7 +143,7 @@ def report(r: dict[str, float]) -> str:
         "",
         f"{r['jobs']:.0f} FineTuneJobs of {r['pods'] / r['jobs']:.0f} nodes created at once against the API emulator "
         "(tests/kube_api.py, same process as the client), the operator as `kopf run` in its own process with "
-        "production settings (reconcile timer 5 s, progress timer 15 s, 16 workers), no kubelet (pods stay Pending), "
+        "production settings (reconcile loop every 5 s, progress every 15 s, 16 workers), no kubelet (pods stay Pending), "
         f"2 CPU cores shared with other work (load average up to {r['load']:.1f}), {time.strftime('%Y-%m-%d')}.",
         "",
         "| measure | value |",
@@ -154,7 +154,7 @@ def report(r: dict[str, float]) -> str:
         f"| operator RSS idle / peak / after | {r['rss_idle_mb']:.0f} / {r['rss_peak_mb']:.0f} / {r['rss_after_mb']:.0f} MiB |",
         f"| reconciles while converging | {r['converge_reconciles']:.0f} ({r['converge_reconciles_per_s']:.1f}/s, "
         f"mean {r['converge_mean_reconcile_ms']:.0f} ms) |",
-        f"| reconciles in steady state (timers only) | {r['steady_reconciles_per_s']:.1f}/s, mean {r['mean_reconcile_ms']:.0f} ms |",
+        f"| reconciles in steady state (periodic loop only) | {r['steady_reconciles_per_s']:.1f}/s, mean {r['mean_reconcile_ms']:.0f} ms |",
         "",
     ])  # fmt: skip
 

@@ -17,17 +17,28 @@ Phases:
 - Pending: the gang of the current attempt is being created or scheduled. Missing pods are created
   (deterministic names, so a second create is a harmless 409).
 - Running: every pod of the attempt is Running.
-- Restarting: a pod failed, was evicted, deleted, or stuck Unknown past
-  restart_policy.unknown_timeout_seconds. The attempt's pods are deleted; once they are all gone and
-  the backoff (backoff_seconds * 2**k, capped at max_backoff_seconds, k = restarts so far) has
-  passed, attempt + 1 is created and the trainer resumes from the newest committed checkpoint.
-  Exit code EXIT_PREEMPTED (the trainer committed a checkpoint on SIGTERM), SIGTERM (143), evictions,
-  pod deletions and node loss are disruptions: counted in `preemptions`, never against
-  restart_policy.max_restarts. Any other failure counts in `restarts`; one more than max_restarts
-  allows makes the job Failed.
+- Restarting: a pod failed, was evicted or deleted, or its node stopped reporting (Ready Unknown, or
+  False for a node reason with the phase left Running) past restart_policy.unknown_timeout_seconds.
+  The attempt's pods are deleted; pods no kubelet will finish (node down past the timeout, or
+  Terminating FORCE_DELETE_MARGIN_SECONDS past their deletionTimestamp) are force-deleted. Once they
+  are all gone and the backoff (backoff_seconds * 2**k, capped at max_backoff_seconds, k = restarts
+  so far) has passed, attempt + 1 is created and the trainer resumes from the newest checkpoint.
+- Failure classes: exit EXIT_PREEMPTED (the trainer committed on SIGTERM), SIGTERM (143), drain and
+  scheduler preemption, graceful node shutdown, pod deletion and node loss are disruptions, counted
+  in `preemptions` (Failed, TooManyPreemptions, past restart_policy.max_preemptions). Exit
+  EXIT_USER_ERROR (65) fails the job at once (UserError, the termination message as the reason).
+  Anything else counts in `restarts` (OOMKilled and kubelet evictions with a hint); one more than
+  max_restarts allows makes the job Failed. A Running gang whose step has not advanced for
+  progress_timeout_seconds is restarted (NoProgress, counted). Past spec.active_deadline_seconds the
+  job is Failed (DeadlineExceeded).
+- Pending too long: past restart_policy.pending_timeout_seconds the job is Stalled with the reason
+  (Unschedulable, WaitingForAdmission for gated pods, PendingTimeout); image errors stall at once.
+- Spec edits: a pod-shaping field (POD_FIELDS) edited while the attempt is still Pending replaces its
+  gang (not counted); while Running, ChangesPending=True names the fields until the next attempt.
 - Succeeded: rank 0 exited 0 and the output is committed (output_committed is True, or None when the
   operator cannot read the store, e.g. pvc://). Rank 0 exiting 0 without output is a failure.
-  The other ranks are left to finish on their own; a Failed job's still-running pods are deleted.
+  Other ranks still running SUCCESS_GRACE_SECONDS later are deleted; a Failed job's running pods at
+  once. spec.ttl_seconds_after_finished then deletes the job itself.
 - Suspended: spec.suspend deletes the pods (the trainer checkpoints on SIGTERM); unsuspending
   creates attempt + 1. Neither counts as a restart.
 
