@@ -71,6 +71,10 @@ def run_job(job: FineTuneJob, workdir: Path) -> TrainResult:
                 callbacks.append(lease_callback(lease))
             result = run_training(job, workdir=workdir, callbacks=callbacks, resume_from=res.resume_from)
             res.finish(result)
+        if lease is not None and result.completed:
+            from kubetune_trainer.rerun import mark_finished
+
+            mark_finished(job, result.global_step, result.max_steps)
     finally:
         if lease is not None:
             lease.release()

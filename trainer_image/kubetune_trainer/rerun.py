@@ -1,8 +1,8 @@
 """Running a job again into an output that already holds a run of it.
 
-- :func:`finished_run`: the output holds this job's finished run (progress.json says done at the
-  newest committed checkpoint's step, with this spec and this max_steps): `kubetune run` says so
-  and stops, in seconds, without loading the model.
+- :func:`finished_run`: the output holds this job's finished run (its ``FINISHED`` record, written
+  after the export, names the newest committed checkpoint's step, this spec and this max_steps):
+  `kubetune run` says so and stops, in seconds, without loading the model.
 - :func:`confirm_restart` / :func:`supersede`: ``kubetune run --restart`` trains again from step
   0 into the same output. The launcher says which run is superseded (and asks, on a terminal);
   the trainer's rank 0, holding the output's lease, then de-commits every checkpoint (COMMITTED
@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 
 from kubetune.conventions import FINAL_DIR, LOSS_PLOT, METRICS_FILE, PROGRESS_FILE
 from kubetune_trainer import checkpoints as ck
-from kubetune_trainer.store import ObjectNotFound, StoreError, open_store
+from kubetune_trainer.store import ObjectNotFound, ObjectStore, StoreError, open_store
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJob
 
 log = logging.getLogger("kubetune.rerun")
+
+FINISHED_FILE = "FINISHED"  # under the output: {"step", "total_steps", "spec_hash"} of a finished run
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,8 @@ def previous_run(job: FineTuneJob) -> PreviousRun | None:
     spec = job.spec
     try:
         out = open_store(spec.output.uri, spec.storage.s3)
-        try:
-            progress = json.loads(out.get_bytes(PROGRESS_FILE))
-        except ObjectNotFound:
-            progress = None
+        progress = _read_json(out, PROGRESS_FILE)
+        done = _read_json(out, FINISHED_FILE)
         latest = ck.latest_committed(open_store(spec.checkpoint_uri(), spec.storage.s3))
     except (StoreError, ValueError, ck.CheckpointError) as e:
         log.debug("no previous run readable in %s: %s", spec.output.uri, e)
@@ -60,17 +60,43 @@ def previous_run(job: FineTuneJob) -> PreviousRun | None:
     if progress is None and latest is None:
         return None
     progress = progress or {}
-    step = int(progress.get("step") or (latest.step if latest else 0))
-    total = int(progress.get("total_steps") or step)
     max_steps = spec.training.max_steps
     finished = (
-        progress.get("state") == "done"
+        done is not None
         and latest is not None
-        and latest.step == step == total
-        and latest.manifest.spec_hash == spec.training_hash()
-        and (max_steps is None or max_steps == step)
+        and done.get("step") == latest.step
+        and done.get("spec_hash") == latest.manifest.spec_hash == spec.training_hash()
+        and (max_steps is None or max_steps == latest.step)
     )
-    return PreviousRun(str(progress.get("state") or "unknown"), step, total, out.uri, finished)
+    if finished:
+        assert done is not None
+        return PreviousRun(
+            "done", int(done["step"]), int(done.get("total_steps") or done["step"]), out.uri, True
+        )
+    step = int(progress.get("step") or (latest.step if latest else 0))
+    total = int(progress.get("total_steps") or step)
+    return PreviousRun(str(progress.get("state") or "unknown"), step, total, out.uri, False)
+
+
+def _read_json(store: ObjectStore, key: str) -> dict | None:
+    try:
+        doc = json.loads(store.get_bytes(key))
+    except ObjectNotFound:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def mark_finished(job: FineTuneJob, step: int, total: int) -> None:
+    """Rank 0, after the export is in the output: the record `finished_run` looks for (kept apart
+    from progress.json, which a refused later run overwrites)."""
+    out = open_store(job.spec.output.uri, job.spec.storage.s3)
+    doc = {
+        "job": job.metadata.name,
+        "step": step,
+        "total_steps": total,
+        "spec_hash": job.spec.training_hash(),
+    }
+    out.put_bytes(FINISHED_FILE, (json.dumps(doc) + "\n").encode())
 
 
 def finished_run(job: FineTuneJob) -> PreviousRun | None:
@@ -105,7 +131,7 @@ def supersede(job: FineTuneJob) -> int:
     for name in other:
         ckstore.delete_prefix(f"{name}/")
     out = open_store(spec.output.uri, spec.storage.s3)
-    for key in (METRICS_FILE, LOSS_PLOT, PROGRESS_FILE):
+    for key in (FINISHED_FILE, METRICS_FILE, LOSS_PLOT, PROGRESS_FILE):
         out.delete(key)
     if committed:
         log.warning(
