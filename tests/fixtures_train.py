@@ -3,6 +3,7 @@
 - `memo_data` (session): 4 alpaca rows a tiny model learns by heart in ~30 steps.
 - `train_job` (session): builds a FineTuneJob for the tiny Qwen2 model (tests.fixtures_data's
   `tiny_model_dirs`) on `memo_data`, with pet_config/training/output overrides.
+- `on_small_disk(mountpoint, size, argv)`: a command line that runs `argv` with a small tmpfs there.
 - `trained` (session): `trained(case)` runs one of `METHOD_CASES` through `run_training` once per
   session (in-process) and returns (job, TrainResult); the loss and export tests share the runs.
 """
@@ -119,6 +120,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, train_job: Callable[..., A
         return done[case]
 
     return run
+
+
+def on_small_disk(mountpoint: Path, size: str, argv: list[str]) -> list[str]:
+    """`argv` run with a fresh tmpfs of `size` (e.g. "2m") mounted at `mountpoint`: a real file
+    system that fills up. In a user and mount namespace of its own, so it needs no root."""
+    import shlex
+
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    script = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(mountpoint))} && exec {shlex.join(argv)}"
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
 
 
 def write_job_file(job: Any, path: Path, **spec: Any) -> Path:

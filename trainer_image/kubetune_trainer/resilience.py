@@ -68,6 +68,7 @@ from kubetune_trainer.store import (
     TransientStoreError,
     local_path_for,
     open_store,
+    probe_write,
     with_retries,
 )
 from kubetune_trainer.uploader import CheckpointUploader
@@ -300,27 +301,19 @@ class Resilience:
         return [ResilienceCallback(self)]
 
     def _probe_writes(self) -> str | None:
-        """Rank 0: put and delete a small object under the checkpoint and the output location.
+        """Rank 0: put and delete a small object under the output and the checkpoint location.
 
         Returns the one-line reason when one of them may not be written (None when both may).
         """
         assert self.ckpt_store is not None and self.out_store is not None
-        key = f".kubetune-write-probe-{uuid.uuid4().hex[:12]}"
         # the output first: when it is denied there is nowhere to report anything, not even progress
         for field, store in (("spec.output.uri", self.out_store), ("spec.checkpoint.uri", self.ckpt_store)):
-
-            def probe(store: ObjectStore = store) -> None:
-                store.put_bytes(key, b"kubetune write probe\n")
-                store.delete(key)
-
             try:
-                with_retries(probe, what=f"write probe of {store.uri}", attempts=6)
+                probe_write(store, field)
             except TransientStoreError:
                 raise  # unreachable, not denied: the attempt fails and a later one tries again
-            except (StoreError, OSError) as e:
-                source = getattr(store, "credentials_source", None)
-                creds = f"; S3 credentials from {source}" if source and source not in str(e) else ""
-                return f"{field}: cannot write to {store.uri}: {e}{creds}"
+            except StoreError as e:
+                return str(e)
         return None
 
     # ------------------------------------------------------------ resume

@@ -26,6 +26,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -710,6 +711,27 @@ def _unwrap(e: Exception) -> Exception:
     return e
 
 
+def probe_write(store: ObjectStore, field: str) -> None:
+    """Put and delete a small object under `store`'s root, so that credentials that may not write
+    fail before anything is loaded or trained: StoreError in one line naming `field` (the spec field
+    of the location), the URI and where the credentials came from. An unreachable store raises
+    TransientStoreError (a later attempt may succeed)."""
+    key = f".kubetune-write-probe-{uuid.uuid4().hex[:12]}"
+
+    def probe() -> None:
+        store.put_bytes(key, b"kubetune write probe\n")
+        store.delete(key)
+
+    try:
+        with_retries(probe, what=f"write probe of {store.uri}", attempts=6)
+    except TransientStoreError:
+        raise
+    except (StoreError, OSError) as e:
+        source = getattr(store, "credentials_source", None)
+        creds = f"; S3 credentials from {source}" if source and source not in str(e) else ""
+        raise StoreError(f"{field}: cannot write to {store.uri}: {e}{creds}") from None
+
+
 # ---------------------------------------------------------------- opening
 
 
@@ -744,6 +766,6 @@ def open_store(uri: str, s3: S3Storage | None = None, **s3_options: Any) -> Obje
 
 __all__ = [
     "ObjectStore", "LocalStore", "S3Store", "StoreError", "ObjectNotFound", "TransientStoreError", "TransferAbandoned",
-    "open_store", "with_retries", "is_transient", "local_path_for", "read_credentials_dir",
+    "open_store", "probe_write", "with_retries", "is_transient", "local_path_for", "read_credentials_dir",
     "ENV_S3_CREDENTIALS_DIR", "DEFAULT_S3_CREDENTIALS_DIR",
 ]  # fmt: skip
