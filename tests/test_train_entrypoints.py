@@ -100,11 +100,11 @@ def test_kubetune_run_stops_before_torchrun_when_the_method_cannot_run(
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", no_backend)
     monkeypatch.setattr(subprocess, "Popen", None)  # torchrun must not start
     job = train_job(tmp_path / "out", pet_config=METHOD_CASES["qlora-4bit-nf4"])
-    assert run_local(_write_job(job, tmp_path / "job.yaml")) == 1
+    assert run_local(_write_job(job, tmp_path / "job.yaml")) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert err.startswith(
-        "kubetune: error: spec.pet_config.pet_type qlora (4-bit nf4, double quant) cannot run"
+        "kubetune run: error: spec.pet_config.pet_type qlora (4-bit nf4, double quant) cannot run"
     )
     assert "compiled without CPU support" in err
 
