@@ -165,6 +165,24 @@ class Quantization(_Model):
 PetType = Literal["none", "full", "freeze", "lora", "qlora"]
 
 
+def compile_module_regex(pattern: str) -> Any:
+    """A module-name regex compiled with RE2, which matches in time linear in the name: a pattern
+    such as '(.*.*)*q_projX' would keep Python's backtracking `re` busy for hours.
+    Raises ValueError saying why RE2 refuses it (back-references and look-around it cannot do)."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # the reason is in the exception; RE2 would also print it to stderr
+    try:
+        return re2.compile(pattern, options=options)
+    except re2.error as e:
+        reason = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ValueError(
+            f"is not a valid regex: {reason} (module names are matched with RE2: no back-references "
+            "or look-around)"
+        ) from None
+
+
 class PetConfig(_Model):
     pet_type: PetType = Field(
         "lora",
@@ -192,16 +210,11 @@ class PetConfig(_Model):
     @field_validator("target_modules")
     @classmethod
     def _modules(cls, v: str | list[str]) -> str | list[str]:
-        import re
-
         if isinstance(v, list):
             if not v or any(not m.strip() for m in v):
                 raise ValueError("must be a non-empty list of module names")
         elif v != "all-linear":
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"is not a valid regex: {e}") from None
+            compile_module_regex(v)
         return v
 
 

@@ -7,6 +7,7 @@ and the export tests of the same case.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,63 @@ def test_lora_target_modules_that_match_nothing_name_the_field(train_job: Any, t
     model = AutoModelForCausalLM.from_pretrained(job.spec.model.uri)
     with pytest.raises(JobError, match=r"spec.pet_config.target_modules '\.\*wq\|\.\*wv'.*q_proj"):
         apply_method(model, job.spec, MethodPlan("lora", ""))
+
+
+# target_modules regexes, hostile ones included: (case id, regex, module suffixes that get adapters or
+# the error). Python's backtracking re (what peft uses) never returns on the nested-star patterns.
+TARGET_REGEXES = [
+    ("the-readme-regex", ".*q_proj|.*v_proj", {"q_proj", "v_proj"}),
+    ("nested-stars-that-match", "(.*.*)*q_proj", {"q_proj"}),
+    ("nested-stars-that-match-nothing", "(.*.*)*q_projX", "matches no module of this model"),
+    ("doubled-dot-alternation", "(.|.)*_projX", "matches no module of this model"),
+]
+
+
+@pytest.mark.parametrize("case,regex,expected", TARGET_REGEXES, ids=[c[0] for c in TARGET_REGEXES])
+def test_lora_target_regexes_match_in_linear_time(
+    train_job: Any, tmp_path: Path, case: str, regex: str, expected: Any
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.methods import MethodPlan, apply_method
+
+    job = train_job(tmp_path, pet_config={"pet_type": "lora", "target_modules": regex})
+    model = AutoModelForCausalLM.from_pretrained(job.spec.model.uri)
+    if isinstance(expected, str):
+        with pytest.raises(
+            JobError, match=rf"^spec.pet_config.target_modules '{re.escape(regex)}': {expected}"
+        ):
+            apply_method(model, job.spec, MethodPlan("lora", ""))
+        return
+    peft_model = apply_method(model, job.spec, MethodPlan("lora", ""))
+    adapted = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == expected
+
+
+def test_a_target_name_that_is_also_a_suffix_stays_exact() -> None:
+    import torch
+
+    from kubetune_trainer.methods import resolve_target_modules
+
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(2, 2)
+    model.block = torch.nn.Module()
+    model.block.proj = torch.nn.Linear(2, 2)
+    # peft would read a list entry "proj" as "any module ending in proj": block.proj too
+    assert resolve_target_modules(model, "proj") == "proj"
+    assert resolve_target_modules(model, ".*proj") == ["proj", "block.proj"]
+    assert resolve_target_modules(model, ["proj"]) == ["proj"]
+
+
+def test_freeze_patterns_match_in_linear_time(train_job: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.methods import MethodPlan, apply_method
+
+    job = train_job(tmp_path, pet_config={"pet_type": "freeze", "freeze_trainable_modules": ["(.*.*)*normX"]})
+    model = AutoModelForCausalLM.from_pretrained(job.spec.model.uri)
+    with pytest.raises(JobError, match=r"freeze_trainable_modules: '\(\.\*\.\*\)\*normX' match no module"):
+        apply_method(model, job.spec, MethodPlan("freeze", ""))
 
 
 def test_qlora_without_a_working_bitsandbytes_backend_stops_with_one_line(

@@ -54,6 +54,7 @@ BAD_FIELDS = [
     ("target-modules-int", "spec.pet_config.target_modules", 5, "spec.pet_config.target_modules", "must be a string or a list"),
     ("target-modules-bad-regex", "spec.pet_config.target_modules", "(q_proj", "spec.pet_config.target_modules", "not a valid regex"),
     ("target-modules-empty-list", "spec.pet_config.target_modules", [], "spec.pet_config.target_modules", "non-empty list"),
+    ("target-modules-backreference", "spec.pet_config.target_modules", r"(q)\1_proj", "spec.pet_config.target_modules", "not a valid regex: invalid escape sequence: \\1 (module names are matched with RE2"),
     ("freeze-layers-zero", "spec.pet_config.freeze_trainable_layers", 0, "spec.pet_config.freeze_trainable_layers", ">= 1"),
     ("qlora-bits-3", "spec.pet_config.quantization", {"bits": 3}, "spec.pet_config.quantization.bits", "must be one of 4 or 8"),
     ("quant-type-int8", "spec.pet_config.quantization", {"quant_type": "int8"}, "spec.pet_config.quantization.quant_type", "one of 'nf4' or 'fp4'"),

@@ -7,8 +7,9 @@
   or a regular expression matching the whole name (``model\\.layers\\.[23]\\..*``); a parameter
   trains when its module or any module above it matches.
 - ``lora``: peft LoRA adapters on a frozen base; ``target_modules`` is a regex over module names
-  (``'.*q_proj|.*v_proj'``, matched against the whole name, as peft does), a list of names (each
-  matching a name or its last components) or ``all-linear`` (every linear layer but the output head).
+  (``'.*q_proj|.*v_proj'``, matched against the whole name with RE2, in linear time), a list of
+  names (each matching a name or its last components) or ``all-linear`` (every linear layer but
+  the output head).
 - ``qlora``: the base is loaded quantized by bitsandbytes (4-bit NF4/FP4, optional double
   quantization, or 8-bit), prepared with peft's ``prepare_model_for_kbit_training``, then LoRA.
 
@@ -186,7 +187,7 @@ def apply_method(
         r=pc.lora_rank,
         lora_alpha=pc.lora_alpha,
         lora_dropout=pc.lora_dropout,
-        target_modules=pc.target_modules,
+        target_modules=resolve_target_modules(model, pc.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -197,6 +198,34 @@ def apply_method(
             f"spec.pet_config.target_modules {_show_targets(pc.target_modules)!r}: {_first_line(e)} "
             f"(linear modules of this model end in: {', '.join(linear_module_suffixes(model))})"
         ) from None
+
+
+def resolve_target_modules(model: Any, target_modules: str | list[str]) -> str | list[str]:
+    """A target_modules regex as the names of the modules it matches in full, found with RE2.
+
+    peft would run a string through Python's backtracking ``re.fullmatch`` against every module
+    name, and a pattern such as ``(.*.*)*q_projX`` never returns; RE2 answers in linear time.
+    Lists and ``all-linear`` go to peft as they are.
+    """
+    if not isinstance(target_modules, str) or target_modules == "all-linear":
+        return target_modules
+    from kubetune.spec import compile_module_regex
+
+    regex = compile_module_regex(target_modules)
+    names = [name for name, _ in model.named_modules() if name]
+    chosen = [name for name in names if regex.fullmatch(name)]
+    if not chosen:
+        raise JobError(
+            f"spec.pet_config.target_modules {target_modules!r}: matches no module of this model "
+            f"(linear modules of this model end in: {', '.join(linear_module_suffixes(model))})"
+        )
+    # peft matches a list entry by whole name or dotted suffix; where a chosen name is also the
+    # suffix of a module the regex left out, an escaped alternation keeps peft exact (and linear).
+    left_out = set(names) - set(chosen)
+    suffixes = {o.split(".", i)[-1] for o in left_out for i in range(1, o.count(".") + 1)}
+    if suffixes & set(chosen):
+        return "|".join(re.escape(name) for name in chosen)
+    return chosen
 
 
 def keep_4bit_layers_trainable(model: Any) -> None:
@@ -240,9 +269,11 @@ def decoder_layers(model: Any) -> tuple[str, int]:
 def _module_matches(name: str, pattern: str) -> bool:
     if name == pattern or name.endswith("." + pattern):
         return True
+    from kubetune.spec import compile_module_regex
+
     try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
+        return compile_module_regex(pattern).fullmatch(name) is not None  # RE2: a pattern cannot hang
+    except ValueError:
         return False
 
 
