@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.conventions import EXIT_PREEMPTED
+from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR
 from kubetune_trainer import checkpoints as ck
 from tests.fixtures_s3 import free_port
 
@@ -409,9 +409,9 @@ def test_spec_change_is_refused_with_a_clear_message(env):
     doc["spec"]["pet_config"]["lora_rank"] = 4  # changes what a checkpoint means
     config.write_text(yaml.safe_dump(doc))
     p = env.launch(config, nproc=1, delay=0)
-    assert wait(p) == 1
+    assert wait(p) == EXIT_USER_ERROR  # retrying cannot help: the operator fails the job at once
     text = tail(p, 200)
-    assert "different model/data/method spec" in text and "on_spec_change: start_over" in text
+    assert "different spec (spec.pet_config.lora_rank 8 -> 4)" in text and "on_spec_change: start_over" in text
     doc["spec"]["checkpoint"]["on_spec_change"] = "start_over"
     config.write_text(yaml.safe_dump(doc))
     p = env.launch(config, nproc=1, delay=0)
