@@ -134,6 +134,47 @@ def test_bad_jsonl_line_named_or_skipped(tmp_path: Path) -> None:
     assert "row 3 (line 4): expected an object, got a list" in skip.first[1]
 
 
+# Line-based files with one line that is not UTF-8 (a Latin-1 "é" in row 2, after a blank line):
+# (case id, file name, good rows around it)
+NOT_UTF8_LINES = [
+    ("jsonl", "data.jsonl", [b'{"text": "a"}', b'{"text": "caf\xe9"}', b'{"text": "b"}'], [{"text": "a"}, {"text": "b"}]),
+    ("jsonl-gz", "data.jsonl.gz", [b'{"text": "a"}', b'{"text": "caf\xe9"}', b'{"text": "b"}'], [{"text": "a"}, {"text": "b"}]),
+    ("txt", "corpus.txt", [b"first", b"caf\xe9 au lait", b"second"], [{"text": "first"}, {"text": "second"}]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,name,lines,good", NOT_UTF8_LINES, ids=[c[0] for c in NOT_UTF8_LINES])
+def test_a_line_that_is_not_utf8_is_a_bad_row_named_by_line(
+    tmp_path: Path, case: str, name: str, lines: list[bytes], good: list[dict]
+) -> None:
+    body = lines[0] + b"\n\n" + b"\n".join(lines[1:]) + b"\n"
+    p = tmp_path / name
+    p.write_bytes(gzip.compress(body) if name.endswith(".gz") else body)
+    with pytest.raises(BadRowError) as err:
+        _data(str(p))
+    byte = lines[1].index(b"\xe9") + 1
+    assert (
+        str(err.value)
+        == f"{p} row 2 (line 3): not UTF-8 text (invalid continuation byte at byte {byte} of line 3)"
+    )
+    skip = BadRows("skip")
+    assert _data(str(p), on_bad=skip) == good
+    assert skip.count == 1
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.csv"])
+def test_whole_file_formats_name_the_line_that_is_not_utf8(tmp_path: Path, name: str) -> None:
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "caf\u00e9", "output": "c"}]
+    p = write_rows(tmp_path / name, rows)
+    p.write_bytes(p.read_bytes().replace("\u00e9".encode(), b"\xe9"))
+    bad_line = next(i for i, line in enumerate(p.read_bytes().split(b"\n"), 1) if b"\xe9" in line)
+    with pytest.raises(
+        DataError,
+        match=rf"^{p} line {bad_line}: not UTF-8 text \(invalid continuation byte at byte \d+ of line {bad_line}\)$",
+    ):
+        _data(str(p))
+
+
 def test_s3_file_and_prefix(s3, data_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for k, v in s3.env.items():
         monkeypatch.setenv(k, v)

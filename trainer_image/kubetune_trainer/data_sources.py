@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kubetune.uris import Uri, parse_uri, pvc_mount_path
 from kubetune_trainer.errors import JobError
@@ -241,6 +241,35 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")  # noqa: SIM115
 
 
+def _open_bytes(path: Path) -> IO[bytes]:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")  # noqa: SIM115
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
+    """(line number, text) of every line, decoded one by one: a line that is not UTF-8 comes as
+    its error, so it can be skipped like any bad row instead of failing the whole file."""
+    with _open_bytes(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, e
+
+
+def _not_utf8(e: UnicodeDecodeError, lineno: int) -> str:
+    return f"not UTF-8 text ({e.reason} at byte {e.start + 1} of line {lineno})"
+
+
+def _first_bad_line(path: Path) -> str:
+    """Where a whole-file format (JSON, CSV) stops being UTF-8, as `line N: ...` (never a file offset)."""
+    for lineno, line in _lines(path):
+        if isinstance(line, UnicodeDecodeError):
+            return f"line {lineno}: {_not_utf8(line, lineno)}"
+    return "not UTF-8 text"  # pragma: no cover - only called after a decode error
+
+
 def _suffix(path: Path) -> str:
     n = path.name.lower()
     if n.endswith(".gz"):
@@ -277,20 +306,23 @@ def _rows_json(path: Path, name: str, on_bad: Callable[[BadRowError], None]) -> 
 
 def _rows_jsonl(path: Path, name: str, on_bad: Callable[[BadRowError], None]) -> Iterator[Row]:
     row = 0
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for lineno, line in _lines(path):
+        if isinstance(line, UnicodeDecodeError):
             row += 1
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                on_bad(BadRowError(name, row, None, f"not valid JSON: {e.msg} at column {e.colno}", lineno))
-                continue
-            if not isinstance(item, dict):
-                on_bad(BadRowError(name, row, None, f"expected an object, got {type_name(item)}", lineno))
-                continue
-            yield Row(item, name, row, lineno)
+            on_bad(BadRowError(name, row, None, _not_utf8(line, lineno), lineno))
+            continue
+        if not line.strip():
+            continue
+        row += 1
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            on_bad(BadRowError(name, row, None, f"not valid JSON: {e.msg} at column {e.colno}", lineno))
+            continue
+        if not isinstance(item, dict):
+            on_bad(BadRowError(name, row, None, f"expected an object, got {type_name(item)}", lineno))
+            continue
+        yield Row(item, name, row, lineno)
 
 
 def _rows_csv(path: Path, name: str, delimiter: str) -> Iterator[Row]:
@@ -303,15 +335,20 @@ def _rows_csv(path: Path, name: str, delimiter: str) -> Iterator[Row]:
             yield Row(dict(rec), name, i, reader.line_num)
 
 
-def _rows_txt(path: Path, name: str, text_column: str) -> Iterator[Row]:
+def _rows_txt(
+    path: Path, name: str, text_column: str, on_bad: Callable[[BadRowError], None]
+) -> Iterator[Row]:
     row = 0
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
+    for lineno, line in _lines(path):
+        if isinstance(line, UnicodeDecodeError):
             row += 1
-            yield Row({text_column: line}, name, row, lineno)
+            on_bad(BadRowError(name, row, None, _not_utf8(line, lineno), lineno))
+            continue
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        row += 1
+        yield Row({text_column: line}, name, row, lineno)
 
 
 def _rows_parquet(path: Path, name: str) -> Iterator[Row]:
@@ -370,13 +407,13 @@ def iter_file_rows(
         elif suffix == ".tsv":
             yield from _rows_csv(path, name, "\t")
         elif suffix == ".txt":
-            yield from _rows_txt(path, name, text_column)
+            yield from _rows_txt(path, name, text_column, on_bad)
         elif suffix == ".parquet":
             yield from _rows_parquet(path, name)
         else:  # pragma: no cover - filtered by data_files
             raise DataError(f"{name}: unsupported file type {suffix!r}")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{name} {_first_bad_line(path)}") from None
     except csv.Error as e:
         raise DataError(f"{name}: malformed CSV: {e}") from None
 
