@@ -411,7 +411,8 @@ def test_spec_change_is_refused_with_a_clear_message(env):
     p = env.launch(config, nproc=1, delay=0)
     assert wait(p) == EXIT_USER_ERROR  # retrying cannot help: the operator fails the job at once
     text = tail(p, 200)
-    assert "different spec (spec.pet_config.lora_rank 8 -> 4)" in text and "on_spec_change: start_over" in text
+    assert "different spec (spec.pet_config.lora_rank 8 -> 4)" in text
+    assert "on_spec_change: start_over" in text
     doc["spec"]["checkpoint"]["on_spec_change"] = "start_over"
     config.write_text(yaml.safe_dump(doc))
     p = env.launch(config, nproc=1, delay=0)
