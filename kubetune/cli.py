@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from kubetune.spec import FineTuneJob
-from kubetune.validate import SpecError, load_job, load_jobs
+from kubetune.validate import SpecError, load_job, load_jobs, local_path_warnings
 
 
 def _local_data_problems(job: FineTuneJob) -> list[str]:
@@ -38,6 +38,8 @@ def _validate(args: argparse.Namespace) -> int:
             bad += 1
             continue
         for job in jobs:
+            for field, warning in local_path_warnings(job):
+                print(f"{path} ({job.metadata.name}): {field}: warning: {warning}", file=sys.stderr)
             data_problems = [] if args.no_data else _local_data_problems(job)
             for problem in data_problems:
                 print(f"{path} ({job.metadata.name}): spec.dataset: {problem}", file=sys.stderr)

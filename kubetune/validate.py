@@ -278,6 +278,37 @@ def _collapse_union_noise(problems: list[Problem]) -> list[Problem]:
     return out
 
 
+def local_path_warnings(job: FineTuneJob) -> list[tuple[str, str]]:
+    """(field, warning) for each model or data path that does not exist on this machine.
+
+    A warning, not an error: the path may be meant for inside the trainer image or a pod.
+    """
+    from kubetune.uris import parse_uri
+
+    spec = job.spec
+    fields = [
+        ("spec.model.uri", spec.model.uri),
+        ("spec.model.tokenizer_uri", spec.model.tokenizer_uri),
+        ("spec.model.adapter_uri", spec.model.adapter_uri),
+        ("spec.dataset.uri", spec.dataset.uri),
+        *((f"spec.dataset.mix[{i}].uri", m.uri) for i, m in enumerate(spec.dataset.mix)),
+    ]
+    out = []
+    for field, value in fields:
+        if value is None or parse_uri(value).scheme != "file":
+            continue
+        raw = Path(parse_uri(value).path)
+        path = raw.expanduser()
+        if path.exists():
+            continue
+        if path.is_absolute():
+            where = "on this machine"
+        else:
+            where = f"here (a relative path is read from the current directory, now {Path.cwd()})"
+        out.append((field, f"{value} does not exist {where}; fine if it is a path inside the trainer image"))
+    return out
+
+
 def load_jobs_text(text: str, source: str = "<input>") -> list[FineTuneJob]:
     """Parse and validate every document; raise SpecError listing every problem."""
     try:

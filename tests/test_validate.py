@@ -260,11 +260,32 @@ def test_validate_command_exit_codes(tmp_path: Path) -> None:
         text=True,
     )
     assert run.returncode == 1
-    assert run.stderr.strip() == f"{bad} (job): spec.pet_config.lora_rank: must be >= 1, got 0"
+    errors = [line for line in run.stderr.splitlines() if ": warning: " not in line]  # ./runs/tiny-qwen2
+    assert errors == [f"{bad} (job): spec.pet_config.lora_rank: must be >= 1, got 0"]
     ok = subprocess.run(
         [sys.executable, "-m", "kubetune", "validate", *map(str, EXAMPLES)], capture_output=True, text=True
     )
     assert ok.returncode == 0, ok.stderr
+
+
+def test_validate_warns_about_local_paths_that_do_not_exist(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "tiny"
+    model.mkdir(parents=True)
+    doc = _set(_set(BASE, "spec.model.uri", str(model)), "spec.dataset.uri", "data/train.jsonl")
+    doc = _set(doc, "spec.model.adapter_uri", "/opt/adapters/sft")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    run = subprocess.run(
+        [sys.executable, "-m", "kubetune", "validate", str(job)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr  # a warning: the path may be meant for inside the image
+    assert run.stdout.strip() == f"{job}: job: valid (sft, lora)"
+    assert run.stderr.splitlines() == [
+        f"{job} (job): spec.model.adapter_uri: warning: /opt/adapters/sft does not exist on this machine; "
+        "fine if it is a path inside the trainer image",
+        f"{job} (job): spec.dataset.uri: warning: data/train.jsonl does not exist here (a relative path is "
+        f"read from the current directory, now {tmp_path}); fine if it is a path inside the trainer image",
+    ]
 
 
 def test_validate_reads_local_data_and_names_the_bad_row(
