@@ -54,7 +54,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _crd(args: argparse.Namespace) -> int:
     from kubetune.crd import render_crd_yaml
 
-    sys.stdout.write(render_crd_yaml())
+    sys.stdout.write(render_crd_yaml(args.kind))
     return 0
 
 
@@ -122,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-data", action="store_true", help="do not read local dataset files")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    p = sub.add_parser("crd", help="print the FineTuneJob (or FineTuneProfile) CustomResourceDefinition")
+    p.add_argument(
+        "--kind",
+        choices=["FineTuneJob", "FineTuneProfile"],
+        default="FineTuneJob",
+        help="default FineTuneJob",
+    )
     p.set_defaults(func=_crd)
 
     p = sub.add_parser("render", help="print the Kubernetes objects the operator creates for a job")

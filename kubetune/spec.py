@@ -50,9 +50,17 @@ def _check_uri(value: str | None) -> str | None:
 
 
 class ModelSource(_Model):
-    uri: str = _uri_field(
+    uri: str | None = _uri_field(
         "Base model in Hugging Face layout (config.json + safetensors): s3://bucket/prefix, "
-        "file:///path or a plain path, pvc://claim/path, or hf://org/name where the hub is reachable."
+        "file:///path or a plain path, pvc://claim/path, or hf://org/name where the hub is reachable. "
+        "Optional when model.name picks a model from the profile's catalog.",
+        default=None,
+    )
+    name: str | None = Field(
+        None,
+        description="A model from the profile's catalog (FineTuneProfile spec.models): its uri and "
+        "recommended settings become this job's defaults.",
+        min_length=1,
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// models.")
     tokenizer_uri: str | None = _uri_field(
@@ -236,7 +244,16 @@ class Training(_Model):
         1024, ge=8, le=1048576, description="Maximum tokens per sample (longer samples are truncated)."
     )
     packing: bool = Field(
-        False, description="Pack several samples into one sequence; samples never attend to each other."
+        False,
+        description="Pack several samples into one sequence of seq_length tokens, best fit first (rows come "
+        "out about 0.99 full); samples never attend to each other and are never split (a pre-training "
+        "document longer than seq_length is cut into seq_length pieces). Not used by method dpo.",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Batch samples of similar length together (transformers' length-grouped sampler, "
+        "shuffled by the seed each epoch) so batches carry less padding; exact on resume. For unpacked "
+        "sft and pretrain data (packed rows are all about seq_length long).",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
@@ -478,8 +495,87 @@ class RestartPolicy(_Model):
 
 Method = Literal["sft", "dpo", "pretrain"]
 
+# Names kubetune itself gives the trainer pod: a profile or job `pod` block cannot take them.
+RESERVED_ENV_PREFIX = "KUBETUNE_"
+RESERVED_ENV = {"MASTER_ADDR", "MASTER_PORT", "HOME", "PYTHONUNBUFFERED"}
+RESERVED_VOLUMES = {"config", "scratch", "dshm", "s3-credentials"}
+RESERVED_MOUNT_PATHS = ("/tmp", "/dev/shm", "/etc/kubetune", "/var/run/secrets/kubetune")
+RESERVED_LABEL_PREFIXES = ("kubetune.io/", "app.kubernetes.io/")
+
+
+def _named(items: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+    for i, item in enumerate(items):
+        if not isinstance(item.get("name"), str) or not item["name"]:
+            raise ValueError(f"[{i}]: every {what} needs a name")
+    return items
+
+
+class PodSettings(_Model):
+    """Pod-level additions to every trainer pod, set by a profile (FineTuneProfile spec.pod) or the job."""
+
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets (in the job's namespace) for pulling the trainer image."
+    )
+    env: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Extra environment variables of the trainer container (Kubernetes EnvVar), e.g. HF_TOKEN "
+        "from a Secret with valueFrom.secretKeyRef.",
+    )
+    env_from: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra envFrom sources (Kubernetes EnvFromSource)."
+    )
+    volumes: list[dict[str, Any]] = Field(default_factory=list, description="Extra pod volumes.")
+    volume_mounts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra volume mounts of the trainer container."
+    )
+    runtime_class_name: str | None = Field(None, description="Pod runtimeClassName (e.g. nvidia).")
+    scheduler_name: str | None = Field(None, description="Pod schedulerName.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for item in _named(v, "variable"):
+            if item["name"].startswith(RESERVED_ENV_PREFIX) or item["name"] in RESERVED_ENV:
+                raise ValueError(f"{item['name']} is set by kubetune itself")
+        return v
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for item in _named(v, "volume"):
+            if item["name"] in RESERVED_VOLUMES or item["name"].startswith("pvc-"):
+                raise ValueError(f"volume name {item['name']} is kubetune's own; choose another")
+        return v
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _mounts(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for item in _named(v, "volume mount"):
+            path = str(item.get("mountPath") or "")
+            if not path.startswith("/"):
+                raise ValueError(f"volume mount {item['name']} needs an absolute mountPath")
+            if any(path == r or path.startswith(r + "/") for r in RESERVED_MOUNT_PATHS):
+                raise ValueError(f"mountPath {path} is kubetune's own")
+        return v
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if key.startswith(RESERVED_LABEL_PREFIXES):
+                raise ValueError(f"{key} is set by kubetune itself")
+        return v
+
 
 class FineTuneJobSpec(_Model):
+    profile: str | None = Field(
+        None,
+        description="The FineTuneProfile whose defaults, pod settings, limits and model catalog apply; "
+        'when omitted, the profile annotated kubetune.io/default-profile: "true" (if any).',
+        min_length=1,
+    )
     model: ModelSource = Field(description="The base model.")
     dataset: Dataset = Field(description="The training data.")
     method: Method = Field(
@@ -499,6 +595,11 @@ class FineTuneJobSpec(_Model):
         "IfNotPresent", description="Trainer image pull policy."
     )
     storage: Storage = Field(default_factory=Storage, description="Object store settings for s3:// URIs.")
+    pod: PodSettings | None = Field(
+        None,
+        description="Pod-level additions (pull secrets, env, volumes, runtime class ...), appended after "
+        "the profile's.",
+    )
     checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Checkpointing and resume.")
     output: Output = Field(description="Where results go.")
     restart_policy: RestartPolicy = Field(
@@ -589,6 +690,12 @@ _PREF_FORMATS = ("auto", "preference")
 _CHAT_FORMATS = ("alpaca", "sharegpt", "messages")
 
 CROSS_FIELD_RULES: list[Rule] = [
+    Rule(
+        "spec", "spec.model.uri",
+        "has(self.model.uri) || has(self.model.name)",
+        "set model.uri, or model.name for a model from the profile's catalog",
+        lambda s: s.model.uri is not None or s.model.name is not None,
+    ),
     Rule(
         "spec.pet_config", "spec.pet_config.quantization",
         "self.pet_type != 'qlora' || has(self.quantization)",
@@ -711,6 +818,20 @@ class CheckpointRef(BaseModel):
     step: int = Field(description="Its global step.")
 
 
+class ProfileRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="The FineTuneProfile applied.")
+    resourceVersion: str | None = Field(
+        None, description="Its resourceVersion when the job first reconciled."
+    )
+    hash: str | None = Field(None, description="Digest of the effective spec (profile merged with the job).")
+    spec: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The profile's spec as of the job's first reconcile: later edits of the profile do not "
+        "change this job.",
+    )
+
+
 Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
 
 
@@ -754,6 +875,9 @@ class FineTuneJobStatus(BaseModel):
     )
     progress_advanced_at: str | None = Field(
         None, description="When the training step last advanced (restart_policy.progress_timeout_seconds)."
+    )
+    profile: ProfileRecord | None = Field(
+        None, description="The profile snapshot this job runs with (taken at its first reconcile)."
     )
 
 

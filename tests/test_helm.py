@@ -112,15 +112,18 @@ def test_service_monitor_shape(chart):
     assert "ServiceMonitor" not in {o["kind"] for o in render(chart)}  # off by default
 
 
-def test_chart_crd_is_the_generated_crd(chart):
-    """helm/kubetune/crds/ holds a copy of crds/finetunejob.yaml; they must not drift."""
-    copy = CHART / "crds" / "finetunejob.yaml"
-    assert copy.read_bytes() == (ROOT / "crds" / "finetunejob.yaml").read_bytes(), (
-        "helm/kubetune/crds/finetunejob.yaml differs from crds/finetunejob.yaml: "
-        "cp crds/finetunejob.yaml helm/kubetune/crds/"
+@pytest.mark.parametrize("file", ["finetunejob.yaml", "finetuneprofile.yaml"])
+def test_chart_crds_are_the_generated_crds(chart, file):
+    """helm/kubetune/crds/ holds copies of crds/*.yaml; they must not drift."""
+    copy = CHART / "crds" / file
+    assert copy.read_bytes() == (ROOT / "crds" / file).read_bytes(), (
+        f"helm/kubetune/crds/{file} differs from crds/{file}: cp crds/{file} helm/kubetune/crds/"
     )
-    assert [c["name"] for c in chart.crds] == ["crds/finetunejob.yaml"]
-    assert yaml.safe_load(chart.crds[0]["data"])["metadata"]["name"] == "finetunejobs.kubetune.io"
+    names = {c["name"]: yaml.safe_load(c["data"])["metadata"]["name"] for c in chart.crds}
+    assert names == {
+        "crds/finetunejob.yaml": "finetunejobs.kubetune.io",
+        "crds/finetuneprofile.yaml": "finetuneprofiles.kubetune.io",
+    }
 
 
 def _container(objs: list[dict]) -> dict:

@@ -85,7 +85,6 @@ BAD_FIELDS = [
     ("hf-no-org", "spec.model.uri", "hf://qwen", "spec.model.uri", "hf://org/name"),
     ("pvc-bad-claim", "spec.output.uri", "pvc://Bad_Claim/x", "spec.output.uri", "PersistentVolumeClaim name"),
     ("model-missing", "spec.model", _DELETE, "spec.model", "required field is missing"),
-    ("model-uri-missing", "spec.model", {"revision": "main"}, "spec.model.uri", "required field is missing"),
     ("output-missing", "spec.output", _DELETE, "spec.output", "required field is missing"),
     ("dataset-missing", "spec.dataset", _DELETE, "spec.dataset", "required field is missing"),
     ("typo-lora-rnak", "spec.pet_config", {"lora_rnak": 8}, "spec.pet_config.lora_rnak", "unknown field; did you mean 'lora_rank'?"),
@@ -135,6 +134,7 @@ BAD_COMBINATIONS = [
     ("streaming-without-max-steps", {"method": "pretrain", "dataset": {"uri": "s3://data/c4.jsonl", "streaming": True}}, "spec.training.max_steps", "needs training.max_steps"),
     ("streaming-with-sft", {"dataset": {"uri": "s3://data/a.json", "streaming": True}, "training": {"max_steps": 10}}, "spec.dataset.streaming", "pretrain only"),
     ("backoff-bounds", {"restart_policy": {"backoff_seconds": 600, "max_backoff_seconds": 60}}, "spec.restart_policy.max_backoff_seconds", ">= backoff_seconds"),
+    ("model-without-uri-or-name", {"model": {"revision": "main"}}, "spec.model.uri", "or model.name for a model from the profile's catalog"),
 ]  # fmt: skip
 
 
