@@ -7,7 +7,15 @@ import sys
 from collections.abc import Sequence
 
 from kubetune.spec import FineTuneJob
-from kubetune.validate import SpecError, load_job, load_jobs, local_path_warnings
+from kubetune.validate import (
+    SpecError,
+    apply_profile,
+    load_job,
+    load_jobs,
+    load_profile,
+    local_path_warnings,
+    profile_warnings,
+)
 
 
 def _local_data_problems(job: FineTuneJob) -> list[str]:
@@ -28,16 +36,21 @@ def _local_data_problems(job: FineTuneJob) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile) if args.profile else None
     bad = 0
     for path in args.files:
         try:
             jobs = load_jobs(path)
+            if profile is not None:
+                jobs = [apply_profile(job, profile, path) for job in jobs]
         except SpecError as e:
             for problem in e.problems:
                 print(problem, file=sys.stderr)
             bad += 1
             continue
         for job in jobs:
+            for field, warning in [] if profile is not None else profile_warnings(job):
+                print(f"{path} ({job.metadata.name}): {field}: warning: {warning}", file=sys.stderr)
             for field, warning in local_path_warnings(job):
                 print(f"{path} ({job.metadata.name}): {field}: warning: {warning}", file=sys.stderr)
             data_problems = [] if args.no_data else _local_data_problems(job)
@@ -61,9 +74,11 @@ def _crd(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     from kubetune_operator.render import render_job, to_yaml
 
+    profile = load_profile(args.profile) if args.profile else None
     docs = []
     for path in args.files:
         for job in load_jobs(path):
+            job = apply_profile(job, profile, path)  # without one: the job as written (model.uri needed)
             if args.namespace:
                 job.metadata.namespace = args.namespace
             docs += render_job(job, attempt=args.attempt)
@@ -81,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         cpu=args.cpu,
         restart=args.restart,
+        profile=args.profile,
     )
 
 
@@ -107,6 +123,7 @@ def _version() -> str:
 
 
 JOB_FILE_HELP = "a FineTuneJob YAML file"
+PROFILE_HELP = "a FineTuneProfile YAML file: apply its defaults, pod settings, model catalog and limits"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     p.add_argument("--no-data", action="store_true", help="do not read local dataset files")
+    p.add_argument("--profile", metavar="PROFILE", help=PROFILE_HELP)
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("crd", help="print the FineTuneJob (or FineTuneProfile) CustomResourceDefinition")
@@ -135,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE", help="FineTuneJob YAML files")
     p.add_argument("--attempt", type=int, default=1, help="the attempt number to render (default 1)")
     p.add_argument("-n", "--namespace", default=None, help="namespace of the objects (default the job's)")
+    p.add_argument("--profile", metavar="PROFILE", help=PROFILE_HELP)
     p.set_defaults(func=_render)
 
     p = sub.add_parser("run", help="run a FineTuneJob locally with torchrun (no cluster)")
@@ -143,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="override spec.output.uri")
     p.add_argument("--max-steps", type=int, default=None, help="override spec.training.max_steps")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where the spec requests GPUs")
+    p.add_argument("--profile", metavar="PROFILE", help=PROFILE_HELP)
     p.add_argument(
         "--restart",
         action="store_true",

@@ -6,12 +6,15 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubetune.spec import API_VERSION, KIND, CrossFieldError, FineTuneJob
+
+if TYPE_CHECKING:
+    from kubetune.profile_spec import FineTuneProfile
 
 
 class _Loader(yaml.SafeLoader):
@@ -354,3 +357,60 @@ def load_job(path: str | Path) -> FineTuneJob:
     if len(jobs) != 1:
         raise SpecError([Problem(str(path), "", f"expected one FineTuneJob, found {len(jobs)}")])
     return jobs[0]
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def load_profile(path: str | Path) -> FineTuneProfile:
+    """The single FineTuneProfile in a YAML file; SpecError naming the file and field otherwise."""
+    from kubetune.profile_spec import PROFILE_KIND, FineTuneProfile
+
+    where = str(path)
+    try:
+        docs = load_yaml_documents(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([Problem(where, "", f"cannot read: {getattr(e, 'strerror', None) or e}")]) from None
+    except (yaml.YAMLError, DocumentTooLarge) as e:
+        raise SpecError([Problem(where, "", f"not a valid profile file: {str(e).splitlines()[0]}")]) from None
+    if len(docs) != 1 or not isinstance(docs[0], dict) or docs[0].get("kind") != PROFILE_KIND:
+        raise SpecError([Problem(where, "", f"expected one {API_VERSION}/{PROFILE_KIND} document")])
+    try:
+        return FineTuneProfile.model_validate(docs[0])
+    except ValidationError as e:
+        name = (docs[0].get("metadata") or {}).get("name")
+        label = f"{where} ({name})" if name else where
+        raise SpecError([Problem(label, _path(err["loc"]), _message(err)) for err in e.errors()]) from None
+
+
+def apply_profile(job: FineTuneJob, profile: FineTuneProfile | None, where: str) -> FineTuneJob:
+    """`job` with its effective spec (kubetune.profiles); SpecError with one line per violation."""
+    from kubetune.profiles import resolve
+
+    label = f"{where} ({job.metadata.name})"
+    if profile is not None and job.spec.profile not in (None, profile.name):
+        raise SpecError(
+            [
+                Problem(
+                    label,
+                    "spec.profile",
+                    f"names {job.spec.profile}, but the profile given is {profile.name}",
+                )
+            ]
+        )
+    resolved = resolve(job.spec, profile)
+    if resolved.spec is None:
+        hint = "; pass --profile FILE" if profile is None else ""
+        raise SpecError([Problem(label, field, message + hint) for field, message in resolved.violations])
+    return job.model_copy(update={"spec": resolved.spec})
+
+
+def profile_warnings(job: FineTuneJob) -> list[tuple[str, str]]:
+    """(field, warning) when a job relies on a profile that was not given."""
+    if job.spec.profile:
+        return [("spec.profile", f"{job.spec.profile} is applied by the cluster; pass --profile FILE to check "
+                 "its defaults and limits here")]  # fmt: skip
+    if job.spec.model.uri is None:
+        return [("spec.model.name", f"{job.spec.model.name} comes from a profile's catalog; pass --profile FILE "
+                 "to resolve it here")]  # fmt: skip
+    return []

@@ -296,3 +296,112 @@ def test_a_job_gets_the_profile_it_names_else_the_default_one() -> None:
     assert select_profile(None, two) == (
         None, "several FineTuneProfiles are marked default (a, b); name one in spec.profile"
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the pods of a profiled job
+
+
+def _profiled_job(**fields: Any) -> Any:
+    from kubetune.spec import FineTuneJob
+    from kubetune.validate import apply_profile
+
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "j", "namespace": "team-a"},
+           "spec": {**copy.deepcopy(JOB), "model": {"name": "qwen2.5-7b-instruct"}, **fields}}  # fmt: skip
+    prof = copy.deepcopy(PROFILE)
+    prof["spec"]["pod"].update(
+        env_from=[{"configMapRef": {"name": "team-a-env"}}],
+        volumes=[{"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}}],
+        volume_mounts=[{"name": "datasets", "mountPath": "/datasets", "readOnly": True}],
+        scheduler_name="gang-scheduler",
+        annotations={"example.com/cost-center": "42"},
+    )
+    return apply_profile(FineTuneJob.model_validate(doc), FineTuneProfile.model_validate(prof), "j.yaml")
+
+
+def test_the_pod_block_reaches_every_pod_and_passes_strict_validation() -> None:
+    from kubetune_operator.render import render_job
+    from tests.kube_checks import K8S_VERSIONS, name_problems, restricted_problems, validate_strict
+
+    objs = render_job(_profiled_job(pod={"env": [{"name": "MY_FLAG", "value": "1"}]},
+                                    parallel_config={"nnodes": 2}))  # fmt: skip
+    pods = [o for o in objs if o["kind"] == "Pod"]
+    assert len(pods) == 2
+    for pod in pods:
+        spec, (ctr,) = pod["spec"], pod["spec"]["containers"]
+        assert ctr["image"] == "registry.example/kubetune/trainer:0.2.0"
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+        assert [e["name"] for e in ctr["env"]][-2:] == ["HF_TOKEN", "MY_FLAG"]  # after kubetune's, job last
+        assert ctr["envFrom"] == [{"configMapRef": {"name": "team-a-env"}}]
+        assert {"name": "datasets", "mountPath": "/datasets", "readOnly": True} in ctr["volumeMounts"]
+        assert spec["volumes"][-1]["name"] == "datasets"
+        assert (spec["runtimeClassName"], spec["schedulerName"]) == ("nvidia", "gang-scheduler")
+        assert spec["nodeSelector"] == {"pool": "h100"}
+        assert ctr["resources"]["limits"]["nvidia.com/gpu"] == "2"  # the catalog model's
+        labels, annotations = pod["metadata"]["labels"], pod["metadata"]["annotations"]
+        assert labels["team"] == "a" and labels["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert labels["kueue.x-k8s.io/pod-group-name"]  # the profile's queue makes the gang one pod group
+        assert annotations["kueue.x-k8s.io/pod-group-total-count"] == "2"
+        assert annotations["example.com/cost-center"] == "42"
+        for version in K8S_VERSIONS:
+            validate_strict(pod, version)
+        assert name_problems(pod) == [] and restricted_problems(spec) == []
+    config = yaml.safe_load(objs[1]["data"]["job.yaml"])  # the trainer reads the effective spec
+    assert config["spec"]["model"]["uri"] == "s3://models/Qwen2.5-7B-Instruct"
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def _files(tmp_path: Path, limits: dict[str, Any], **spec: Any) -> tuple[Path, Path]:
+    prof = copy.deepcopy(PROFILE)
+    prof["spec"]["limits"] = limits
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump(prof))
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "j"},
+           "spec": {**copy.deepcopy(JOB), "model": {"name": "qwen2.5-7b-instruct"}, **spec}}  # fmt: skip
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    return tmp_path / "job.yaml", tmp_path / "profile.yaml"
+
+
+def _kubetune(*args: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kubetune", *map(str, args)], capture_output=True, text=True)
+
+
+def test_validate_with_a_profile_names_the_field_and_the_profile(tmp_path: Path) -> None:
+    job_file, profile_file = _files(tmp_path, {"max_nodes": 2}, parallel_config={"nnodes": 4})
+    run = _kubetune("validate", job_file, "--profile", profile_file)
+    assert run.returncode == 1
+    assert (
+        run.stderr
+        == f"{job_file} (j): spec.parallel_config.nnodes: 4 nodes exceeds max_nodes 2 of profile team-a\n"
+    )
+    run = _kubetune("validate", job_file)  # without the profile: valid, with a warning
+    assert run.returncode == 0 and "pass --profile FILE to resolve it here" in run.stderr
+
+
+def test_render_with_a_profile_prints_the_effective_pods(tmp_path: Path) -> None:
+    job_file, profile_file = _files(tmp_path, {"max_nodes": 2})
+    run = _kubetune("render", job_file, "--profile", profile_file)
+    assert run.returncode == 0, run.stderr
+    pod = [d for d in yaml.safe_load_all(run.stdout) if d["kind"] == "Pod"][0]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    run = _kubetune("render", job_file)  # a catalog model cannot be rendered without its profile
+    assert run.returncode == 1
+    assert run.stderr.strip().endswith("none applies; pass --profile FILE")
+
+
+def test_a_profile_file_with_a_mistake_is_one_line(tmp_path: Path) -> None:
+    job_file, profile_file = _files(tmp_path, {"max_nodes": 0})
+    run = _kubetune("validate", job_file, "--profile", profile_file)
+    assert run.returncode == 1
+    assert run.stderr == f"{profile_file} (team-a): spec.limits.max_nodes: must be >= 1, got 0\n"
+
+
+def test_run_applies_the_profile_before_anything_starts(tmp_path: Path) -> None:
+    job_file, profile_file = _files(
+        tmp_path, {"allowed_pet_types": ["lora"]}, pet_config={"pet_type": "full"}
+    )
+    run = _kubetune("run", job_file, "--profile", profile_file)
+    assert run.returncode == 1
+    assert run.stderr == (
+        f"{job_file} (j): spec.pet_config.pet_type: full is not allowed by profile team-a (allowed_pet_types: lora)\n"
+    )

@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel
 
 from kubetune import conventions as c
-from kubetune.spec import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, FineTuneJob
+from kubetune.spec import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, FineTuneJob, PodSettings
 from kubetune.uris import CRD_PATTERN, parse_uri, pvc_mount_path
 from kubetune_operator import naming
 
@@ -333,9 +333,13 @@ def _volumes(job: FineTuneJob, attempt: int) -> tuple[list[dict[str, Any]], list
 
 
 def _kueue(job: FineTuneJob) -> tuple[dict[str, str], dict[str, str]]:
-    """(labels, annotations) that make Kueue admit the gang as one pod group; empty without a queue."""
+    """(labels, annotations) that make Kueue admit the gang as one pod group; empty without a queue.
+    The queue comes from the job's own labels or from spec.pod (e.g. a profile's queue)."""
+    pod = job.spec.pod
     labels = {k: v for k, v in job.metadata.labels.items() if k.startswith(KUEUE_PREFIX)}
     annotations = {k: v for k, v in job.metadata.annotations.items() if k.startswith(KUEUE_PREFIX)}
+    if pod is not None:
+        labels = {**{k: v for k, v in pod.labels.items() if k.startswith(KUEUE_PREFIX)}, **labels}
     if KUEUE_QUEUE_LABEL not in labels:
         return {}, {}
     labels[KUEUE_GROUP_LABEL] = naming.pod_group_name(job.name)
@@ -354,6 +358,7 @@ def render_pod(
 ) -> dict[str, Any]:
     spec = job.spec
     res = spec.resources
+    pod = spec.pod or PodSettings()
     kueue_labels, kueue_annotations = _kueue(job)
     volumes, mounts = _volumes(job, attempt)
     name = naming.pod_name(job.name, attempt, rank)
@@ -361,8 +366,8 @@ def render_pod(
         job,
         name,
         "trainer",
-        {**naming.pod_labels(job.name, attempt, rank), **kueue_labels},
-        {"kubectl.kubernetes.io/default-container": CONTAINER, **kueue_annotations},
+        {**pod.labels, **naming.pod_labels(job.name, attempt, rank), **kueue_labels},
+        {**pod.annotations, "kubectl.kubernetes.io/default-container": CONTAINER, **kueue_annotations},
     )
     container = {
         "name": CONTAINER,
@@ -370,10 +375,10 @@ def render_pod(
         "imagePullPolicy": spec.image_pull_policy,
         "command": torchrun_command(job, attempt, rank),
         "workingDir": SCRATCH_DIR,
-        "env": _env(job, attempt),
+        "env": _env(job, attempt) + copy.deepcopy(pod.env),
         "ports": [{"name": "rdzv", "containerPort": c.RDZV_PORT, "protocol": "TCP"}],
         "resources": _resources(job),
-        "volumeMounts": mounts,
+        "volumeMounts": mounts + copy.deepcopy(pod.volume_mounts),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "privileged": False,
@@ -403,8 +408,16 @@ def render_pod(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": volumes,
+        "volumes": volumes + copy.deepcopy(pod.volumes),
     }
+    if pod.env_from:
+        container["envFrom"] = copy.deepcopy(pod.env_from)
+    if pod.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in pod.image_pull_secrets]
+    if pod.runtime_class_name:
+        pod_spec["runtimeClassName"] = pod.runtime_class_name
+    if pod.scheduler_name:
+        pod_spec["schedulerName"] = pod.scheduler_name
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:

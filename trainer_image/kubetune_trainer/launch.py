@@ -41,7 +41,7 @@ from typing import IO, Any
 import yaml
 
 from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR
-from kubetune.validate import load_job, load_jobs_text
+from kubetune.validate import apply_profile, load_job, load_jobs_text, load_profile
 
 ENV_AGENT_PID = "KUBETUNE_AGENT_PID"  # torchrun's pid, for its workers (lifetime.die_with_parent)
 ENV_RESTART = "KUBETUNE_RESTART"  # "1": the trainer supersedes the run in the output and starts over
@@ -244,10 +244,12 @@ def run_local(
     *,
     cpu: bool = False,
     restart: bool = False,
+    profile: str | os.PathLike | None = None,
 ) -> int:
-    """Run the job in `path` locally; returns the exit status (0: trained and exported, or
-    already finished; 65: a problem with the job or this machine; 75: interrupted, resumable)."""
-    job = load_job(path)
+    """Run the job in `path` locally, with the FineTuneProfile file `profile` applied if given; returns
+    the exit status (0: trained and exported, or already finished; 65: a problem with the job or this
+    machine; 75: interrupted, resumable)."""
+    job = apply_profile(load_job(path), load_profile(profile) if profile else None, str(path))
     doc = job.model_dump(mode="json", exclude_none=True)
     if output is not None:
         doc["spec"]["output"]["uri"] = output
