@@ -234,6 +234,35 @@ def spec_hash(spec: FineTuneJobSpec) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def choose(
+    requested: str | None, objects: Iterable[dict[str, Any]]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(the status record of the profile a job uses, or None; a problem, or None), from the
+    FineTuneProfile objects as the API server returns them."""
+    parsed = []
+    for obj in objects:
+        meta = obj.get("metadata") or {}
+        try:
+            doc = {
+                "apiVersion": API_VERSION,
+                "kind": PROFILE_KIND,
+                "metadata": meta,
+                "spec": obj.get("spec") or {},
+            }
+            parsed.append((FineTuneProfile.model_validate(doc), meta.get("resourceVersion")))
+        except ValidationError as e:
+            if meta.get("name") == requested:  # the one asked for is unreadable (a CRD older than this code)
+                first = e.errors()[0]
+                return (
+                    None,
+                    f"FineTuneProfile {requested}: {'.'.join(map(str, first['loc']))}: {first['msg']}",
+                )
+    chosen, problem = select_profile(requested, (p for p, _ in parsed))
+    if chosen is None:
+        return None, problem
+    return record(chosen, next(rv for p, rv in parsed if p is chosen)), None
+
+
 def record(profile: FineTuneProfile, resource_version: str | None) -> dict[str, Any]:
     """The snapshot of a profile kept in the job's status (FineTuneJobStatus.profile)."""
     return {

@@ -39,7 +39,9 @@ import kubernetes
 import pydantic
 from kubernetes.client.exceptions import ApiException
 
+from kubetune import profiles
 from kubetune.conventions import LABEL_ATTEMPT, LABEL_MANAGED_BY, MANAGER, PROGRESS_FILE
+from kubetune.profile_spec import PROFILE_PLURAL
 from kubetune.spec import GROUP, KIND, PLURAL, VERSION, FineTuneJob, FineTuneJobSpec
 from kubetune.uris import parse_uri
 from kubetune_operator import metrics, naming, render, state
@@ -74,6 +76,16 @@ class Kube:
         except ApiException as e:
             if e.status == 404:
                 return None
+            raise
+
+    def list_profiles(self) -> list[dict]:
+        """Every FineTuneProfile (cluster-scoped); none where their CRD is not installed."""
+        try:
+            return self._json(self.custom.list_cluster_custom_object(
+                GROUP, VERSION, PROFILE_PLURAL, _preload_content=False))["items"]  # fmt: skip
+        except ApiException as e:
+            if e.status == 404:
+                return []
             raise
 
     def list_pods(self, namespace: str, selector: str) -> list[dict]:
@@ -263,6 +275,30 @@ def _job_model(job: dict) -> FineTuneJob:
     return FineTuneJob.model_validate({k: job[k] for k in ("apiVersion", "kind", "metadata", "spec")})
 
 
+def _effective(kube: Kube, spec: FineTuneJobSpec, status: dict) -> tuple[profiles.Resolved, dict | None]:
+    """The job's spec with its profile applied, and the profile record for its status.
+
+    The profile is read once, at the job's first reconcile, and kept in status.profile; every later
+    reconcile merges the live job spec with that snapshot, so editing the profile never changes a job
+    that exists (and its limits still hold for the job's own later edits)."""
+    rec = status.get("profile")
+    if rec is None and not status.get("attempt") and status.get("phase") not in state.TERMINAL:
+        rec, problem = profiles.choose(spec.profile, kube.list_profiles())
+        if problem:
+            return profiles.Resolved(None, [("spec.profile", problem)]), None
+    resolved = profiles.resolve(spec, profiles.from_record(rec) if rec else None)
+    if rec is not None and resolved.spec is not None:
+        rec = {**rec, "hash": profiles.spec_hash(resolved.spec)}
+    return resolved, rec
+
+
+def _snapshot_spec(model: FineTuneJob, status: dict) -> FineTuneJobSpec:
+    """The effective spec from the status snapshot alone (no API call); the job's own if it fails."""
+    rec = status.get("profile")
+    resolved = profiles.resolve(model.spec, profiles.from_record(rec)) if rec else None
+    return resolved.spec if resolved is not None and resolved.spec is not None else model.spec
+
+
 def reconcile(kube: Kube, namespace: str, name: str, *, trigger: str) -> state.Decision | None:
     """Bring one job one step closer to its goal. Returns the decision applied (None: job gone)."""
     started = time.monotonic()
@@ -305,7 +341,19 @@ def _reconcile_once(kube: Kube, job: dict) -> state.Decision:
         if patch := status_patch(status, decision.status):
             kube.patch_status(namespace, name, patch, meta.get("resourceVersion"))
         return decision
-    spec = model.spec
+    resolved, rec = _effective(kube, model.spec, status)
+    if rec is not None:
+        status = {**status, "profile": rec}  # carried into the new status by the state machine
+    if resolved.spec is None and status.get("phase") not in state.TERMINAL:
+        generation = int(meta.get("generation") or 1)
+        decision = state.profile_violation(status, generation, now, resolved.message())
+        if patch := status_patch(job.get("status") or {}, decision.status):
+            kube.patch_status(namespace, name, patch, meta.get("resourceVersion"))
+        for ev in decision.events:
+            kube.event(job, ev)
+        return decision
+    spec = resolved.spec or model.spec  # a finished job keeps being cleaned up by its own spec
+    model = model.model_copy(update={"spec": spec})  # what is rendered: the effective spec
     pods = kube.list_pods(namespace, naming.job_selector(name))
     observed = tuple(state.observe_pod(p, render.CONTAINER) for p in pods)
     attempt = int(status.get("attempt") or 0)
@@ -323,7 +371,7 @@ def _reconcile_once(kube: Kube, job: dict) -> state.Decision:
     )  # fmt: skip
     decision.status.update(state.progress_status(progress))
 
-    patch = status_patch(status, decision.status)
+    patch = status_patch(job.get("status") or {}, decision.status)
     if patch:  # 1. the status, guarded: on 409 the caller reads again and decides again
         kube.patch_status(namespace, name, patch, meta.get("resourceVersion"))
     if decision.restart_reason:
@@ -359,7 +407,7 @@ def refresh_progress(kube: Kube, namespace: str, name: str) -> None:
         if job is None:
             return
         status = job.get("status") or {}
-        fields = state.progress_status(read_progress(_job_model(job).spec))
+        fields = state.progress_status(read_progress(_snapshot_spec(_job_model(job), status)))
         step = (fields.get("progress") or {}).get("step")
         if step is not None and step != (status.get("progress") or {}).get("step"):
             # what restart_policy.progress_timeout_seconds measures from

@@ -60,6 +60,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR, LABEL_ATTEMPT, LABEL_RANK
+from kubetune.profiles import PROFILE_VIOLATION
 from kubetune.spec import FineTuneJobSpec
 
 PENDING, RUNNING, RESTARTING = "Pending", "Running", "Restarting"
@@ -86,7 +87,7 @@ FORCE_DELETE_MARGIN_SECONDS = 10
 # After Succeeded, ranks still running this long are deleted (they hold GPUs and a Kueue pod group).
 SUCCESS_GRACE_SECONDS = 30
 # Spec fields that shape the pods: an edit reaches pods only through a new attempt.
-POD_FIELDS = ("image", "image_pull_policy", "resources", "storage")
+POD_FIELDS = ("image", "image_pull_policy", "resources", "storage", "pod")
 OOM_HINT = (
     "lower training.per_device_train_batch_size, set training.gradient_checkpointing: true, "
     "or raise resources.memory"
@@ -394,6 +395,19 @@ def invalid_spec(status: dict[str, Any], generation: int, now: dt.datetime, mess
     o = Observed(spec=None, status=status, generation=generation, pods=(), now=now)  # type: ignore[arg-type]
     changes = {} if status.get("phase") == FAILED else {"completion_time": iso(now)}
     return Decision(_status(o, FAILED, "InvalidSpec", message, **changes))
+
+
+def profile_violation(status: dict[str, Any], generation: int, now: dt.datetime, message: str) -> Decision:
+    """The effective spec breaks its profile's limits (or names a profile or model that is not there):
+    Failed at once, with a Warning Event; the pods, if any, go with the Failed phase (`_finished`)."""
+    o = Observed(spec=None, status=status, generation=generation, pods=(), now=now)  # type: ignore[arg-type]
+    first = status.get("phase") != FAILED
+    d = Decision(
+        _status(o, FAILED, PROFILE_VIOLATION, message, **({"completion_time": iso(now)} if first else {}))
+    )
+    if first:
+        d.events.append(Event("Warning", PROFILE_VIOLATION, message))
+    return d
 
 
 def needs_watching(status: dict[str, Any], spec: dict[str, Any], now: dt.datetime) -> bool:
