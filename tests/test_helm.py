@@ -228,7 +228,11 @@ OPERATOR_RULES = {
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
-KOPF_CLUSTER_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
+KOPF_CLUSTER_RULES = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("kubetune.io", "finetuneprofiles"): {"get", "list"},  # cluster-scoped: read at a job's first reconcile
+}
+ALL_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 
 
 def grants(role: dict) -> dict[tuple[str, str], set[str]]:
@@ -254,7 +258,7 @@ def bound_to(objs: list[dict], binding_kind: str, role: dict) -> list[dict]:
 
 def test_rbac_cluster_wide_is_least_privilege(chart):
     objs = render(chart)
-    role = one(objs, "ClusterRole")
+    role = one(objs, "ClusterRole", RELEASE)
     assert grants(role) == {**OPERATOR_RULES, **KOPF_CLUSTER_RULES}
     assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding")]
     (binding,) = bound_to(objs, "ClusterRoleBinding", role)
@@ -264,9 +268,25 @@ def test_rbac_cluster_wide_is_least_privilege(chart):
     ]
 
 
+def test_rbac_job_authors_edit_jobs_and_only_read_profiles(chart):
+    """FineTuneJobs join the built-in edit/view roles; profiles are written by a separate admin role."""
+    objs = render(chart)
+    edit, view = one(objs, "ClusterRole", f"{RELEASE}-edit"), one(objs, "ClusterRole", f"{RELEASE}-view")
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert grants(edit) == {("kubetune.io", "finetunejobs"): ALL_VERBS}
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert grants(view) == {
+        ("kubetune.io", r): {"get", "list", "watch"}
+        for r in ("finetunejobs", "finetunejobs/status", "finetuneprofiles")
+    }
+    admin = one(objs, "ClusterRole", f"{RELEASE}-profile-admin")
+    assert grants(admin) == {("kubetune.io", "finetuneprofiles"): ALL_VERBS}
+    assert not any(k.startswith("rbac.authorization.k8s.io/aggregate") for k in admin["metadata"]["labels"])
+
+
 def test_rbac_namespaced_grants_only_the_watched_namespaces(chart):
     objs = render(chart, NAMESPACED)
-    cluster = one(objs, "ClusterRole")
+    cluster = one(objs, "ClusterRole", RELEASE)
     # cluster-wide only what kopf reads to follow CRDs and the watched namespaces' existence
     assert grants(cluster) == {**KOPF_CLUSTER_RULES, ("", "namespaces"): {"list", "watch"}}
     roles = [o for o in objs if o["kind"] == "Role"]
