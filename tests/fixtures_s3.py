@@ -183,14 +183,14 @@ class PausableProxy:
         upstream: socket.socket,
         done: list,
     ) -> None:
-        throttled = self.rate > 0 and src is client
+        upload = src is client
         try:
             while True:
-                data = src.recv(8192 if throttled else 65536)
+                data = src.recv(8192 if upload and self.rate else 65536)
                 if not data:
                     break
                 dst.sendall(data)
-                if throttled:
+                if upload and self.rate:  # read each time: a test may slow an open connection down
                     time.sleep(len(data) / self.rate)
         except OSError:
             pass

@@ -129,11 +129,13 @@ def test_sigterm_mid_step_saves_commits_and_marks(single_process, s3, tmp_path):
 
 
 def test_sigterm_with_s3_down_is_not_reported_as_committed(single_process, s3, tmp_path):
-    from kubetune_trainer.errors import JobError
+    from kubetune_trainer.store import TransientStoreError
 
     job = make_job(s3.uri("jobs/down"), {"s3": {"endpoint": s3.endpoint}}, sigterm_grace_seconds=5)
     loop = Loop(tmp_path)
-    with pytest.raises(JobError, match="could not be committed within checkpoint.sigterm_grace_seconds=5"):
+    with pytest.raises(
+        TransientStoreError, match="not be committed within checkpoint.sigterm_grace_seconds=5"
+    ):
         with Resilience(job, workdir=tmp_path / "work") as res:
             (cb,) = res.callbacks()
             cb.on_train_begin(loop.args, loop.state, loop.control)

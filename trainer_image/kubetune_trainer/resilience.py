@@ -25,9 +25,11 @@ During training (`ResilienceCallback`):
   save) exits 75 at once.
 - SIGINT (Ctrl-C) is handled like SIGTERM; the process then says in one line what was committed
   and exits 130. A second SIGINT stops at once.
-- after SIGTERM/SIGINT every wait is bounded by the grace budget, and a watchdog ends the process
-  (exit 75 when the checkpoint committed, else 1) just before the budget ends if the interpreter
-  is still waiting at exit for upload threads that cannot finish, saying what was committed.
+- after SIGTERM/SIGINT every wait is bounded by the grace budget, and a watchdog ends the trainer
+  process (exit 75 when the checkpoint committed, else 1) just before the budget ends if it is
+  still there (the interpreter waits at exit for upload threads that cannot finish), saying what
+  was and was not committed; a SIGTERM checkpoint that did not commit is the store's failure
+  (TransientStoreError, retried), not the job's.
 - a non-transient store error in an upload (access denied, no such bucket) stops training at the
   next step boundary: nothing more could be committed.
 - before each save, the node-local scratch must have room for it (diskspace.py).
@@ -79,9 +81,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("kubetune.resilience")
 
 ENV_PREEMPT_MARKER = "KUBETUNE_PREEMPT_MARKER"  # file the trainer writes after a committed SIGTERM save
-EXIT_MARGIN_SECONDS = 2.0  # of the grace budget, kept for stopping the processes after the commit
+EXIT_MARGIN_SECONDS = 3.0  # of the grace budget, kept for stopping the processes after the commit
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-WATCHDOG_MARGIN_SECONDS = 1.0  # the watchdog ends the process this long before the grace budget ends
+WATCHDOG_MARGIN_SECONDS = 1.5  # before the grace ends: torchrun and supervise still have to exit
 FAILURE_UPLOAD_GRACE_SECONDS = 20.0  # torchrun stops the other workers within TORCH_ELASTIC_SHUTDOWN_TIMEOUT
 ENV_TEST_STEP_DELAY = "KUBETUNE_TEST_STEP_DELAY"  # seconds slept after every step (tests, benchmarks)
 
@@ -511,25 +513,25 @@ class Resilience:
         """End the process just before the grace budget ends when it is still exiting then (the
         interpreter joins boto3's transfer threads at exit, and an upload through a dead or slow
         store does not finish): the kubelet's SIGKILL would come without a word."""
-        end = (self.sigterm_at or time.monotonic()) + self.spec.checkpoint.sigterm_grace_seconds
-        fire_at = end - WATCHDOG_MARGIN_SECONDS
+        fire_at = (
+            (self.sigterm_at or time.monotonic())
+            + self.spec.checkpoint.sigterm_grace_seconds
+            - WATCHDOG_MARGIN_SECONDS
+        )
 
         def watch() -> None:
-            while time.monotonic() < end:
+            while time.monotonic() < fire_at:
                 time.sleep(max(0.0, min(0.2, fire_at - time.monotonic())))
-                if time.monotonic() < fire_at:
-                    continue
-                # the main thread is gone: the interpreter waits at exit for threads (boto3's
-                # transfers) that cannot finish; every wait of our own is bounded by the budget
-                if not threading.main_thread().is_alive():
-                    committed = bool(self.preempt_committed) or self._final_committed()
-                    print(
-                        f"kubetune: {self.stop_signal}: exiting before checkpoint.sigterm_grace_seconds="
-                        f"{self.spec.checkpoint.sigterm_grace_seconds} ends; {self._committed_summary()}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    os._exit(self._exit_code() if committed else 1)
+            # our own waits are bounded by the budget, so this is the interpreter waiting at exit
+            # for threads (boto3's transfers) that cannot finish, or a hung collective
+            committed = bool(self.preempt_committed) or self._final_committed()
+            print(
+                f"kubetune: {self.stop_signal}: exiting before checkpoint.sigterm_grace_seconds="
+                f"{self.spec.checkpoint.sigterm_grace_seconds} ends; {self._committed_summary()}",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(self._exit_code() if committed else 1)
 
         threading.Thread(target=watch, name="kubetune-watchdog", daemon=True).start()
 
@@ -600,7 +602,8 @@ class Resilience:
                     )
                 raise SystemExit(EXIT_INTERRUPTED)
             if not self.preempt_committed:
-                raise JobError(
+                # the store's fault, not the job's: a later attempt resumes from the last commit
+                raise TransientStoreError(
                     f"preempted ({self.stop_signal}) and the checkpoint of step {step} could not be committed "
                     f"within checkpoint.sigterm_grace_seconds={self.spec.checkpoint.sigterm_grace_seconds}; "
                     f"{self._committed_summary()}: the job resumes from there"
