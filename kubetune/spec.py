@@ -660,6 +660,27 @@ class FineTuneJobSpec(_Model):
         keep["parallel_strategy"] = self.parallel_config.strategy
         return keep
 
+    def uri_fields(self) -> list[tuple[str, str]]:
+        """(field, URI) for every URI set in the spec, e.g. ("spec.dataset.mix[1].uri", "s3://..."). Found
+        by the pattern the CRD gives URI fields, so a URI field added later is seen by all that reads them."""
+        out: list[tuple[str, str]] = []
+
+        def walk(model: BaseModel, path: str) -> None:
+            for name, info in type(model).model_fields.items():
+                value, where = getattr(model, name), f"{path}.{name}"
+                extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+                if isinstance(value, str) and extra.get("pattern") == CRD_PATTERN:
+                    out.append((where, value))
+                elif isinstance(value, BaseModel):
+                    walk(value, where)
+                elif isinstance(value, list):
+                    for i, item in enumerate(value):
+                        if isinstance(item, BaseModel):
+                            walk(item, f"{where}[{i}]")
+
+        walk(self, "spec")
+        return out
+
     def training_hash(self) -> str:
         """Hash of `training_fields`."""
         return hashlib.sha256(json.dumps(self.training_fields(), sort_keys=True).encode()).hexdigest()[:16]

@@ -288,14 +288,7 @@ def local_path_warnings(job: FineTuneJob) -> list[tuple[str, str]]:
     """
     from kubetune.uris import parse_uri
 
-    spec = job.spec
-    fields = [
-        ("spec.model.uri", spec.model.uri),
-        ("spec.model.tokenizer_uri", spec.model.tokenizer_uri),
-        ("spec.model.adapter_uri", spec.model.adapter_uri),
-        ("spec.dataset.uri", spec.dataset.uri),
-        *((f"spec.dataset.mix[{i}].uri", m.uri) for i, m in enumerate(spec.dataset.mix)),
-    ]
+    fields = [(f, u) for f, u in job.spec.uri_fields() if f.startswith(("spec.model.", "spec.dataset."))]
     out = []
     for field, value in fields:
         if value is None or parse_uri(value).scheme != "file":

@@ -56,9 +56,7 @@ class Kueue:
     def admit(self, namespace: str, group: str) -> bool:
         """Admit the group's Workload: only once every pod of the group exists (total-count)."""
         pods = self.group_pods(namespace, group)
-        total = (
-            int((pods[0]["metadata"].get("annotations") or {}).get(COUNT_ANNOTATION) or 0) if pods else 0
-        )
+        total = int((pods[0]["metadata"].get("annotations") or {}).get(COUNT_ANNOTATION) or 0) if pods else 0
         if not pods or len(pods) < total:
             return False
         self.admitted.add((namespace, group))

@@ -34,11 +34,10 @@ import copy
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
 
 from kubetune import conventions as c
 from kubetune.spec import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, FineTuneJob, PodSettings
-from kubetune.uris import CRD_PATTERN, parse_uri, pvc_mount_path
+from kubetune.uris import parse_uri, pvc_mount_path
 from kubetune_operator import naming
 
 CONTAINER = "trainer"
@@ -219,29 +218,15 @@ def torchrun_command(job: FineTuneJob, attempt: int, rank: int) -> list[str]:
 def pvc_claims(job: FineTuneJob) -> dict[str, bool]:
     """PersistentVolumeClaims named by pvc:// URIs in the spec -> whether the trainer writes to them.
 
-    Every URI field of the spec is found by the pattern the CRD gives URI fields, so a URI field
-    added to the spec later is mounted too. Claims holding checkpoints or outputs are writable.
+    Every URI field of the spec counts (FineTuneJobSpec.uri_fields), so a URI field added to the spec
+    later is mounted too. Claims holding checkpoints or outputs are writable.
     """
     claims: dict[str, bool] = {}
-
-    def walk(model: BaseModel, path: str) -> None:
-        for field, info in type(model).model_fields.items():
-            value = getattr(model, field)
-            where = f"{path}.{field}" if path else field
-            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            if isinstance(value, str) and extra.get("pattern") == CRD_PATTERN:
-                uri = parse_uri(value)
-                if uri.scheme == "pvc":
-                    writable = where.startswith(("checkpoint.", "output."))
-                    claims[uri.netloc] = claims.get(uri.netloc, False) or writable
-            elif isinstance(value, BaseModel):
-                walk(value, where)
-            elif isinstance(value, list):
-                for item in value:
-                    if isinstance(item, BaseModel):
-                        walk(item, where)
-
-    walk(job.spec, "")
+    for where, value in job.spec.uri_fields():
+        uri = parse_uri(value)
+        if uri.scheme == "pvc":
+            writable = where.startswith(("spec.checkpoint.", "spec.output."))
+            claims[uri.netloc] = claims.get(uri.netloc, False) or writable
     return claims
 
 

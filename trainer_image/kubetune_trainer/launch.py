@@ -83,16 +83,7 @@ def _method_problem(job: Any) -> str | None:
 
 
 def _s3_fields(job: Any) -> list[tuple[str, str]]:
-    spec = job.spec
-    fields = [
-        ("spec.model.uri", spec.model.uri),
-        ("spec.model.adapter_uri", spec.model.adapter_uri),
-        ("spec.dataset.uri", spec.dataset.uri),
-        *((f"spec.dataset.mix[{i}].uri", m.uri) for i, m in enumerate(spec.dataset.mix)),
-        ("spec.output.uri", spec.output.uri),
-        ("spec.checkpoint.uri", spec.checkpoint.uri),
-    ]
-    return [(f, u) for f, u in fields if u and u.startswith("s3://")]
+    return [(f, u) for f, u in job.spec.uri_fields() if u.startswith("s3://")]
 
 
 def _have_s3_credentials() -> bool:
