@@ -143,6 +143,7 @@ def training_arguments(
         optim=_OPTIMIZERS[t.optimizer],
         seed=t.seed,
         data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=precision.name == "bf16",
         fp16=precision.name == "fp16",
         use_cpu=precision.device_type == "cpu",
@@ -216,7 +217,7 @@ def run_training(
             spec.model.adapter_uri, s3=spec.storage.s3, field="spec.model.adapter_uri", require_config=False
         )
     tokenizer = model_loading.load_tokenizer(spec, model_dir)
-    data = build_datasets(job, tokenizer, seed=spec.training.seed)
+    data = build_datasets(job, tokenizer, seed=spec.training.seed, device_type=precision.device_type)
 
     device = f"{precision.device_type}:{dist.local_rank}" if precision.device_type == "cuda" else "cpu"
     model = model_loading.load_model(
@@ -274,8 +275,9 @@ def run_training(
         from kubetune_trainer import diskspace
 
         # the check before each save estimates; a disk that filled anyway is still one line
+        # torch.save reports a full disk as "unexpected pos ..." or "file write failed"
         if diskspace.is_disk_full(e) or (
-            "write failed" in str(e) and diskspace.free_bytes(ckpt_dir) < 16 * 1024 * 1024
+            isinstance(e, (OSError, RuntimeError)) and diskspace.free_bytes(ckpt_dir) < 1024 * 1024
         ):
             from kubetune_trainer.errors import JobError
 
