@@ -56,6 +56,13 @@ def test_read_only_credentials_fail_before_the_model_loads(s3, train_job, tiny_m
     assert "trainable params" not in p.stderr  # the model never loaded
     assert not s3.keys()
 
+    job = train_job(s3.uri("jobs/ro"))  # the output itself read-only
+    config = write_job_file(job, tmp_path / "job2.yaml", storage={"s3": {"endpoint": s3.endpoint}})
+    p = run(trainer(config, {}), cli_env(tmp_path, **s3.server.readonly_env), timeout=120)
+    line = one_line_error(p)
+    assert line.startswith(f"kubetune: error: spec.output.uri: cannot write to {s3.uri('jobs/ro')}: ")
+    assert "access denied (AccessDenied)" in line and not s3.keys()
+
 
 def test_a_model_larger_than_the_free_scratch_space_is_refused_before_the_download(
     s3, train_job, tiny_model_dirs, tmp_path

@@ -85,9 +85,10 @@ def _take_lease(job: FineTuneJob) -> Lease:
     """Rank 0: the output's lease, before anything is written (LeaseHeld when another run has it)."""
     from kubetune.conventions import ENV_ATTEMPT
     from kubetune_trainer.lease import Lease
-    from kubetune_trainer.store import open_store
+    from kubetune_trainer.store import open_store, probe_write
 
     store = open_store(job.spec.output.uri, job.spec.storage.s3)
+    probe_write(store, "spec.output.uri")  # credentials that may not write: the field named, not LEASE
     attempt = int(os.environ.get(ENV_ATTEMPT, "0") or 0)
     return Lease.acquire(store, job=job.metadata.name, attempt=attempt)
 
