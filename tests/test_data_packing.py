@@ -16,9 +16,9 @@ import pytest
 
 from kubetune_trainer.chat_render import IGNORE_INDEX, ChatRenderer
 from kubetune_trainer.data_sources import iter_rows
-from kubetune_trainer.datasets_build import PretrainStream, build_datasets
+from kubetune_trainer.datasets_build import PretrainStream, _to_dataset, build_datasets
 from kubetune_trainer.formats import ASSISTANT, USER, Columns, Example, Turn
-from kubetune_trainer.packing import DataCollator, chunk, pack_blocks, pack_greedy
+from kubetune_trainer.packing import DataCollator, chunk, pack_best_fit, pack_blocks, pack_greedy, segments
 from tests.fixtures_data import EXAMPLE_DATA, make_job
 
 
@@ -38,6 +38,9 @@ def _alpaca_samples(tokenizer: Any, n: int = 7, seq_length: int = 160) -> list[A
     return r.encode_batch(exs)
 
 
+C4 = EXAMPLE_DATA / "c4_118.jsonl"
+
+
 def test_pack_greedy_positions_restart_and_first_labels_masked() -> None:
     samples = [
         {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
@@ -49,6 +52,52 @@ def test_pack_greedy_positions_restart_and_first_labels_masked() -> None:
         {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]},
         {"input_ids": [6, 7, 8, 9], "labels": [-100, -100, 8, 9], "position_ids": [0, 1, 2, 3]},
     ]
+
+
+def _best_fit(samples: list[Any], seq_length: int, *, split: bool = False) -> list[dict[str, list[int]]]:
+    return list(pack_best_fit(_to_dataset(segments(samples, seq_length, split=split)), seq_length))
+
+
+def _segments_of(row: dict[str, list[int]]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each sample in a packed row, cut where the position ids restart."""
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+    return [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in itertools.pairwise(starts)]
+
+
+def test_best_fit_puts_each_sample_where_it_fills_a_row_most_closely() -> None:
+    lengths = [5, 4, 3, 2, 2]  # in order, the greedy packer needs 4 rows of 6: [5] [4] [3 2] [2]
+    samples = [
+        {"input_ids": [10 * n + i for i in range(n)], "labels": [10 * n + i for i in range(n)]}
+        for n in lengths
+    ]
+    samples[3]["input_ids"] = samples[3]["labels"] = [7, 8]
+    assert len(list(pack_greedy(samples, 6))) == 4
+    rows = _best_fit(samples, 6)
+    # longest first; each 2 goes to the row whose free space it fills most closely
+    assert [[len(ids) for ids, _ in _segments_of(r)] for r in rows] == [[5], [4, 2], [3, 2]]
+    assert rows[1] == {
+        "input_ids": [40, 41, 42, 43, 7, 8],
+        "labels": [-100, 41, 42, 43, -100, 8],
+        "position_ids": [0, 1, 2, 3, 0, 1],
+    }
+    assert _best_fit(samples, 6) == rows  # a pure function of the input
+
+
+def test_best_fit_fills_rows_of_the_alpaca_demo_and_keeps_every_sample_whole(tokenizer: Any) -> None:
+    data = {"uri": str(EXAMPLE_DATA / "alpaca_en_200.json")}
+    packed = build_datasets(make_job(data, training={"seq_length": 512, "packing": True}), tokenizer, seed=42)
+    assert packed.stats.packing_efficiency >= 0.97
+    rows = list(packed.train_dataset)
+    assert all(len(r["input_ids"]) <= 512 for r in rows)
+    # the same samples unpacked (same seed, same truncation): each one is in exactly one row, whole
+    plain = build_datasets(make_job(data, training={"seq_length": 512}), tokenizer, seed=42)
+    want = sorted((s["input_ids"], [IGNORE_INDEX, *s["labels"][1:]]) for s in plain.train_dataset)
+    got = sorted(seg for r in rows for seg in _segments_of(r))
+    assert got == want and len(got) == packed.stats.samples == 200
+    # what rows in order reach on the same samples
+    greedy = list(pack_greedy(plain.train_dataset, 512))
+    assert sum(len(r["input_ids"]) for r in greedy) / (len(greedy) * 512) < 0.85
+    assert len(rows) < len(greedy)
 
 
 def test_pack_blocks_and_chunk_split_documents() -> None:
@@ -95,10 +144,11 @@ def _loss_sum_count(model: Any, batch: dict[str, Any]) -> tuple[float, int]:
     return float(out.loss) * n, n
 
 
+@pytest.mark.parametrize("packer", ["best_fit", "greedy"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_equals_unpacked_mean(
-    tokenizer: Any, tiny_model_dirs: dict, load_tiny: Any, arch: str, attn: str
+    tokenizer: Any, tiny_model_dirs: dict, load_tiny: Any, arch: str, attn: str, packer: str
 ) -> None:
     import torch
 
@@ -119,7 +169,7 @@ def test_packed_loss_equals_unpacked_mean(
     padded_loss = float(model(**padded).loss.detach())
 
     # packed: several samples per row, two rows of different lengths (the shorter one padded)
-    rows = list(pack_greedy(samples, 320))
+    rows = _best_fit(samples, 320) if packer == "best_fit" else list(pack_greedy(samples, 320))
     assert len(rows) >= 2 and any(r["position_ids"].count(0) >= 2 for r in rows)
     packed_batch = collate(rows)
     assert "attention_mask" not in packed_batch
@@ -198,17 +248,27 @@ def test_pretrain_block_doc2_loss_independent_of_doc1(
 
 def test_pretrain_build_blocks_every_token_trained(tokenizer: Any) -> None:
     job = make_job(
-        {"uri": str(EXAMPLE_DATA / "c4_118.jsonl")},
+        {"uri": str(C4)},
         method="pretrain",
         training={"seq_length": 256, "packing": True},
     )
     built = build_datasets(job, tokenizer, seed=0)
     assert built.packed and built.method == "pretrain"
     rows = list(built.train_dataset)
-    assert all(len(r["input_ids"]) == 256 for r in rows[:-1])
+    assert all(len(r["input_ids"]) <= 256 for r in rows)
     eos = tokenizer.eos_token_id
     n_eos = sum(r["input_ids"].count(eos) for r in rows)
     assert n_eos == built.stats.samples == 118
+    # a document is cut only where it is longer than a row: one segment per 256 tokens of it
+    # (concatenated blocks, as streaming packs, cut many more)
+    renderer = ChatRenderer(tokenizer)
+    docs = renderer.encode_batch(
+        [Example("text", text=row.data["text"]) for row in iter_rows(str(C4))], truncate=False
+    )
+    blocks = list(pack_blocks(docs, 256))
+    n_segments = sum(r["position_ids"].count(0) for r in rows)
+    assert n_segments == sum(-(-len(d.input_ids) // 256) for d in docs)
+    assert n_segments < sum(b["position_ids"].count(0) for b in blocks)
     for r in rows:
         starts = {i for i, p in enumerate(r["position_ids"]) if p == 0}
         for i, (tok_id, lab) in enumerate(zip(r["input_ids"], r["labels"], strict=True)):

@@ -131,28 +131,35 @@ def test_pretrain_lowers_held_out_perplexity_and_keeps_documents_apart(
     assert after < 0.7 * before, (before, after)
     print(f"held-out perplexity {before:.0f} -> {after:.0f} after 40 steps", file=sys.__stdout__)
 
-    # the batches the Trainer fed the model: packed blocks, every token in the loss, EOS between documents
-    eos = tokenizer.eos_token_id
+    # the batches the Trainer fed the model: packed rows, every token in the loss, EOS between documents
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rows = []
+    fill = []
     assert len(recorder.batches) == 40
     for batch in recorder.batches:
         assert batch.get("attention_mask") is None
         ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
-        assert ids.shape == (4, 128)
+        assert ids.shape[0] == 4 and ids.shape[1] <= 128
         for r in range(4):
-            starts = [i for i in range(128) if pos[r, i] == 0]
-            assert labels[r].tolist() == [-100 if i in starts else int(ids[r, i]) for i in range(128)]
+            real = ids.shape[1]  # the padding after the last document: a segment of its own, not trained
+            while real and int(ids[r, real - 1]) == pad and int(labels[r, real - 1]) == -100:
+                real -= 1
+            assert pos[r, real:].tolist() == list(range(ids.shape[1] - real))
+            starts = [i for i in range(real) if pos[r, i] == 0]
+            assert labels[r, :real].tolist() == [-100 if i in starts else int(ids[r, i]) for i in range(real)]
             assert all(ids[r, s - 1] == eos for s in starts if s > 0)
-            rows.append((ids[r], pos[r], starts))
+            rows.append((ids[r, :real], pos[r, :real], starts))
+            fill.append(real / 128)
     joined = [row for row in rows if len(row[2]) >= 2]
-    assert len(joined) >= 10, "blocks should join documents"
+    assert len(joined) >= 10, "rows should join documents"
+    assert sum(fill) / len(fill) > 0.97
 
     # no document attends to another: each segment's logits equal that segment run alone
     ids, pos, starts = joined[0]
-    bounds = [*starts, 128]
+    bounds = [*starts, len(ids)]
     with torch.no_grad():
         packed = trained(input_ids=ids[None], position_ids=pos[None]).logits[0]
-        leaky = trained(input_ids=ids[None], position_ids=torch.arange(128)[None]).logits[0]
+        leaky = trained(input_ids=ids[None], position_ids=torch.arange(len(ids))[None]).logits[0]
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             alone = trained(input_ids=ids[None, a:b]).logits[0]
             torch.testing.assert_close(packed[a:b], alone, atol=1e-4, rtol=1e-4)

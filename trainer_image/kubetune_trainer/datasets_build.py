@@ -9,12 +9,14 @@ What it does, by ``spec.method``:
 ``sft``
     read rows -> normalise (formats.py) -> hold out ``validation_split`` of the rows (seeded) -> add
     ``dataset.mix`` samples -> shuffle (seeded) -> render and mask (chat_render.py, truncation to
-    ``seq_length``) -> drop samples with no trainable token -> pack (``training.packing``) or not.
-    Rows of ``input_ids``, ``labels`` (+ ``position_ids`` when packed) in a ``datasets.Dataset``.
+    ``seq_length``) -> drop samples with no trainable token -> pack best-fit decreasing
+    (``training.packing``, packing.py) or not. Rows of ``input_ids``, ``labels`` (+ ``position_ids``
+    when packed; + ``length`` with ``training.group_by_length``) in a ``datasets.Dataset``.
 ``pretrain``
-    text documents, each followed by EOS, every token in the loss; packed into ``seq_length`` blocks
-    (``training.packing``) or each document cut into ``seq_length`` pieces. ``dataset.streaming``
-    reads lazily (:class:`PretrainStream`, a torch ``IterableDataset``).
+    text documents, each followed by EOS, every token in the loss; each document cut into
+    ``seq_length`` pieces, which are packed best-fit decreasing (``training.packing``) or trained one
+    per row. ``dataset.streaming`` reads lazily (:class:`PretrainStream`, a torch
+    ``IterableDataset``) and packs by concatenating documents into ``seq_length`` blocks.
 ``dpo``
     ``prompt``/``chosen``/``rejected`` text rows rendered with the chat template (or ChatML) and
     system prompt, ready for TRL's ``DPOTrainer`` (which tokenizes them itself); no collator.
@@ -48,7 +50,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from kubetune_trainer.chat_render import ChatRenderer, Encoded
 from kubetune_trainer.data_sources import BadRows, DataError, Row, iter_rows
 from kubetune_trainer.formats import Columns, Example, Normalizer
-from kubetune_trainer.packing import DataCollator, chunk, pack_blocks, pack_greedy
+from kubetune_trainer.packing import DataCollator, chunk, pack_best_fit, pack_blocks, segments
 
 log = logging.getLogger("kubetune.data")
 
@@ -227,10 +229,11 @@ def _encode_all(
 def _sequences(
     encoded: Iterable[Encoded], method: str, packing: bool, seq_length: int
 ) -> Iterator[dict[str, list[int]]]:
-    if method == "pretrain":
-        return pack_blocks(encoded, seq_length) if packing else chunk(encoded, seq_length)
+    """In-memory rows: segments to pack (packing.pack_best_fit), or one sample (piece) per row."""
     if packing:
-        return pack_greedy(encoded, seq_length)
+        return segments(encoded, seq_length, split=method == "pretrain")
+    if method == "pretrain":
+        return chunk(encoded, seq_length)
     return ({"input_ids": e.input_ids, "labels": e.labels} for e in encoded)
 
 
@@ -274,12 +277,30 @@ def _tokenized_dataset(
     truncate = method != "pretrain"  # pre-training cuts documents into blocks instead
     encoded = _encode_all(renderer, examples, truncate=truncate, stats=stats)
     ds = _to_dataset(_sequences(encoded, method, packing, seq_length))
+    if packing:
+        ds = pack_best_fit(ds, seq_length)
     if stats is not None:
         stats.sequences = len(ds)
         if packing or method == "pretrain":
             total = sum(len(x) for x in ds["input_ids"]) if len(ds) else 0
             stats.packing_efficiency = total / (len(ds) * seq_length) if len(ds) else None
     return ds
+
+
+# Tensor cores work on tiles of 8 (bf16/fp16): on GPUs every batch is padded to a multiple of it.
+CUDA_PAD_MULTIPLE = 8
+
+
+def pad_multiple(device_type: str) -> int | None:
+    """What the collator pads batch widths to a multiple of on `device_type` (None: the longest row)."""
+    return CUDA_PAD_MULTIPLE if device_type == "cuda" else None
+
+
+def _with_lengths(ds: Any) -> Any:
+    """``ds`` with a ``length`` column (tokens per row), what transformers' length-grouped sampler reads."""
+    import pyarrow.compute as pc
+
+    return ds.add_column("length", pc.list_value_length(ds.data.column("input_ids")).to_pylist())
 
 
 # ---------------------------------------------------------------- streaming
@@ -370,7 +391,8 @@ class PretrainStream(IterableDataset):
         docs = self._with_mix(self._documents(stats, bad))
         encoded = _encode_all(self.renderer, docs, truncate=False, stats=stats)
         n = 0
-        for seq in _sequences(encoded, "pretrain", self.packing, self.seq_length):
+        blocks = pack_blocks if self.packing else chunk  # a stream cannot be sorted by length
+        for seq in blocks(encoded, self.seq_length):
             n += 1
             stats.sequences = n
             yield seq
@@ -400,12 +422,20 @@ class PretrainStream(IterableDataset):
 
 
 def _preference_dataset(
-    renderer: ChatRenderer, examples: list[Example], seq_length: int, stats: DataStats | None
+    renderer: ChatRenderer,
+    examples: list[Example],
+    seq_length: int,
+    stats: DataStats | None,
+    *,
+    with_lengths: bool = False,
 ) -> Any:
+    """`with_lengths`: add a ``length`` column (the prompt and the longer reply, capped at seq_length:
+    the width TRL pads the pair to) for the length-grouped sampler."""
     import datasets
 
     rows = [renderer.preference_row(ex) for ex in examples]
-    if stats is not None and rows:
+    lengths: list[int] = []
+    if (stats is not None or with_lengths) and rows:
         tok = renderer.tok
         for start in range(0, len(rows), _ENCODE_BATCH):
             part = rows[start : start + _ENCODE_BATCH]
@@ -413,6 +443,9 @@ def _preference_dataset(
             chosen = tok([r["chosen"] for r in part], add_special_tokens=False)["input_ids"]
             rejected = tok([r["rejected"] for r in part], add_special_tokens=False)["input_ids"]
             for p, c, r in zip(prompt, chosen, rejected, strict=True):
+                lengths.append(min(seq_length, len(p) + max(len(c), len(r))))
+                if stats is None:
+                    continue
                 stats.samples += 1
                 stats.tokens += 2 * len(p) + len(c) + len(r)
                 stats.trainable_tokens += len(c) + len(r)
@@ -420,17 +453,21 @@ def _preference_dataset(
                     stats.truncated += 1
                 if len(p) >= seq_length:
                     stats.no_trainable += 1
+    if stats is not None:
         stats.sequences = len(rows)
-    cols = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+    cols: dict[str, list[Any]] = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+    if with_lengths:
+        cols["length"] = lengths
     return datasets.Dataset.from_dict(cols)
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def build_datasets(job: Any, tokenizer: Any, seed: int) -> BuiltData:
+def build_datasets(job: Any, tokenizer: Any, seed: int, *, device_type: str = "cpu") -> BuiltData:
     """Read, normalise, render, mask and pack the job's data. Raises :class:`DataError` (a ValueError)
-    with a user-facing message (file, row and field for a bad row) when the data is unusable."""
+    with a user-facing message (file, row and field for a bad row) when the data is unusable.
+    `device_type`: where the batches go (``cuda``: padded to a multiple of :data:`CUDA_PAD_MULTIPLE`)."""
     spec = job.spec
     ds = spec.dataset
     method = spec.method
@@ -448,7 +485,7 @@ def build_datasets(job: Any, tokenizer: Any, seed: int) -> BuiltData:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise DataError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
-    collator = DataCollator(pad_token_id=pad_id)
+    collator = DataCollator(pad_token_id=pad_id, pad_to_multiple_of=pad_multiple(device_type))
     bad = BadRows(ds.on_bad_row)
     stats = DataStats()
 
@@ -495,8 +532,13 @@ def build_datasets(job: Any, tokenizer: Any, seed: int) -> BuiltData:
         random.Random(seed + 1000).shuffle(train_ex)
 
     if method == "dpo":
-        train = _preference_dataset(renderer, train_ex, seq_length, stats)
-        evald = _preference_dataset(renderer, eval_ex, seq_length, None) if eval_ex else None
+        grouped = training.group_by_length
+        train = _preference_dataset(renderer, train_ex, seq_length, stats, with_lengths=grouped)
+        evald = (
+            _preference_dataset(renderer, eval_ex, seq_length, None, with_lengths=grouped)
+            if eval_ex
+            else None
+        )
         stats.eval_samples = len(eval_ex)
         collator = None
         packed = False
@@ -520,6 +562,10 @@ def build_datasets(job: Any, tokenizer: Any, seed: int) -> BuiltData:
             if len(evald) == 0:
                 evald = None
         packed = "position_ids" in train.column_names
+        if training.group_by_length:
+            # the sampler reads this column instead of measuring every row
+            train = _with_lengths(train)
+            evald = _with_lengths(evald) if evald is not None else None
     stats.skipped_bad_rows = bad.count
     stats.bad_row_examples = list(bad.first)
     log.debug("data: %s", stats.summary())
