@@ -234,7 +234,8 @@ class Resilience:
             if self.uploader is not None:
                 # a crash elsewhere in the gang: a checkpoint already handed over still gets its chance
                 self.uploader.close(
-                    timeout=0 if at_once else within(FAILURE_UPLOAD_GRACE_SECONDS), join_timeout=within(5)
+                    timeout=0 if at_once else within(FAILURE_UPLOAD_GRACE_SECONDS),
+                    join_timeout=within(0.5 if at_once else 5),
                 )
             if self.progress is not None:
                 self.progress.close(timeout=within(1 if at_once else 3))
