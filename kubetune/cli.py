@@ -71,6 +71,13 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace) -> int:
+    from kubetune.policy import render_policy_yaml
+
+    sys.stdout.write(render_policy_yaml(helm=args.helm))
+    return 0
+
+
 def _render(args: argparse.Namespace) -> int:
     from kubetune_operator.render import render_job, to_yaml
 
@@ -148,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default FineTuneJob",
     )
     p.set_defaults(func=_crd)
+
+    p = sub.add_parser(
+        "policy", help="print the ValidatingAdmissionPolicy (and binding) enforcing profile limits at apply"
+    )
+    p.add_argument("--helm", action="store_true", help="print the chart's template instead")
+    p.set_defaults(func=_policy)
 
     p = sub.add_parser("render", help="print the Kubernetes objects the operator creates for a job")
     p.add_argument("files", nargs="+", metavar="FILE", help="FineTuneJob YAML files")

@@ -88,7 +88,7 @@ class CatalogModel(s._Model):
     _uris = s.field_validator("uri", "tokenizer_uri")(s._check_uri)
 
     def as_defaults(self) -> dict[str, Any]:
-        """The entry as a layer of FineTuneJob spec defaults."""
+        """The entry as a layer of FineTuneJob spec defaults (the fields `catalog_source` names)."""
         model = self.model_dump(
             include={"uri", "revision", "tokenizer_uri", "trust_remote_code"}, mode="json", exclude_none=True
         )
@@ -98,6 +98,18 @@ class CatalogModel(s._Model):
         if self.resources is not None:
             layer["resources"] = self.resources.model_dump(mode="json", exclude_none=True)
         return layer
+
+
+def catalog_source(path: str) -> str | None:
+    """The field of a catalog entry that gives the job spec's `path` (as `as_defaults` lays it), or None."""
+    head, _, rest = path.partition(".")
+    if head == "model" and rest in {"uri", "revision", "tokenizer_uri", "trust_remote_code"}:
+        return rest
+    if path == "pet_config.target_modules":
+        return "target_modules"
+    if head == "resources" and rest in s.Resources.model_fields:
+        return path
+    return None
 
 
 class Limits(s._Model):

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,36 +104,51 @@ def _duplicates(pod: PodSettings) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class LimitRule:
+    """One limit, stated once: `limit_violations` checks it here and kubetune.policy writes its CEL."""
+
     limit: str  # the field of FineTuneProfile spec.limits
     field: str  # the job field the message names
     kind: Literal["max", "allowed", "prefix"]
-    value: Callable[[FineTuneJobSpec], Any]  # the effective spec's value (None: nothing chosen)
+    reads: tuple[str, ...]  # spec paths of the effective values; a max of several bounds their product
     unit: str = ""
+    # No value (None or ""): for "max", how it reads (it breaks the limit); else what it counts as (None: passes).
+    unset: str | None = None
 
 
 LIMIT_RULES: list[LimitRule] = [
-    LimitRule("max_gpus_per_node", "spec.resources.gpus", "max", lambda s: s.resources.gpus, " GPUs per node"),
-    LimitRule("max_nodes", "spec.parallel_config.nnodes", "max", lambda s: s.parallel_config.nnodes, " nodes"),
-    LimitRule(
-        "max_total_gpus", "spec.resources.gpus", "max",
-        lambda s: s.resources.gpus * s.parallel_config.nnodes, " GPUs in all (gpus x nnodes)",
-    ),
-    LimitRule("max_active_deadline_seconds", "spec.active_deadline_seconds", "max",
-              lambda s: s.active_deadline_seconds, " seconds"),
-    LimitRule("allowed_image_prefixes", "spec.image", "prefix", lambda s: s.image),
-    LimitRule("allowed_methods", "spec.method", "allowed", lambda s: s.method),
-    LimitRule("allowed_pet_types", "spec.pet_config.pet_type", "allowed", lambda s: s.pet_config.pet_type),
+    LimitRule("max_gpus_per_node", "spec.resources.gpus", "max", ("resources.gpus",), " GPUs per node"),
+    LimitRule("max_nodes", "spec.parallel_config.nnodes", "max", ("parallel_config.nnodes",), " nodes"),
+    LimitRule("max_total_gpus", "spec.resources.gpus", "max", ("resources.gpus", "parallel_config.nnodes"),
+              " GPUs in all (gpus x nnodes)"),
+    LimitRule("max_active_deadline_seconds", "spec.active_deadline_seconds", "max", ("active_deadline_seconds",),
+              " seconds", unset="no deadline"),
+    LimitRule("allowed_image_prefixes", "spec.image", "prefix", ("image",)),
+    LimitRule("allowed_methods", "spec.method", "allowed", ("method",)),
+    LimitRule("allowed_pet_types", "spec.pet_config.pet_type", "allowed", ("pet_config.pet_type",)),
     LimitRule("allowed_service_accounts", "spec.resources.service_account_name", "allowed",
-              lambda s: s.resources.service_account_name or "default"),
+              ("resources.service_account_name",), unset="default"),
     LimitRule("allowed_priority_classes", "spec.resources.priority_class_name", "allowed",
-              lambda s: s.resources.priority_class_name),
+              ("resources.priority_class_name",)),
 ]  # fmt: skip
+
+
+def rule_value(rule: LimitRule, spec: FineTuneJobSpec) -> Any:
+    """The effective value a rule bounds; None when nothing is chosen (and `unset` says nothing else)."""
+    values = []
+    for path in rule.reads:
+        value: Any = spec
+        for part in path.split("."):
+            value = getattr(value, part)
+        if value is None or value == "":
+            return None if rule.kind == "max" else rule.unset
+        values.append(value)
+    return math.prod(values) if len(values) > 1 else values[0]
 
 
 def limit_message(rule: LimitRule, value: Any, limit: Any, profile: str) -> str:
     """The one wording of a broken limit (the admission policy's CEL builds the same string)."""
     if rule.kind == "max":
-        shown = "no deadline" if value is None else f"{value}{rule.unit}"
+        shown = rule.unset if value is None else f"{value}{rule.unit}"
         return f"{shown} exceeds {rule.limit} {limit} of profile {profile}"
     return f"{value} is not allowed by profile {profile} ({rule.limit}: {', '.join(limit)})"
 
@@ -156,7 +172,7 @@ def limit_violations(spec: FineTuneJobSpec, profile: FineTuneProfile) -> list[tu
         limit = getattr(limits, rule.limit)
         if limit is None:
             continue
-        value = rule.value(spec)
+        value = rule_value(rule, spec)
         if _breaks(rule, value, limit):
             out.append((rule.field, limit_message(rule, value, limit, profile.name)))
     return out

@@ -27,6 +27,7 @@ kubectl see what they would see on a cluster:
   leave field validation to the server.
 
 - mutating admission of pods: `pod_webhooks` (tests/kueue.py installs Kueue's, which gates pods);
+- ValidatingAdmissionPolicies in `admission_policies`, bound to every param (tests/policy_admission.py);
 
 Not done (not needed by kubetune's tests): strategic merge patch is treated as a merge patch,
 server-side apply, deletecollection, namespace existence checks, admission of built-in kinds.
@@ -354,6 +355,8 @@ class KubeAPI(kmock.KubernetesEmulator):
     mutex: threading.RLock = attrs.field(factory=threading.RLock, init=False)
     # Mutating admission for new pods, run in order on the object before it is stored.
     pod_webhooks: list[Callable[[dict], None]] = attrs.field(factory=list, init=False)
+    # ValidatingAdmissionPolicies, each bound to every object of its paramKind (paramRef.selector {}).
+    admission_policies: list[dict] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -645,6 +648,7 @@ class KubeAPI(kmock.KubernetesEmulator):
         warnings: list[str] = []
         if kind.schema is not None:
             obj, warnings = admit_custom(kind, obj, None, c.params.get("fieldValidation") == "Strict")
+        self._validating_policies(c, kind, obj, None)
         if c.params.get("dryRun") == "All":
             return 201, obj, warnings
         obj = self._put_new(c.resource, c.namespace, obj)
@@ -652,6 +656,28 @@ class KubeAPI(kmock.KubernetesEmulator):
             self._serve_crd(obj)
         self._collect_if_orphaned(c.resource, obj)
         return 201, obj, warnings
+
+    def _validating_policies(self, c: Call, kind: Kind, obj: dict, old: dict | None) -> None:
+        """Refuse like the API server when a ValidatingAdmissionPolicy denies (naming the first denial)."""
+        from tests import policy_admission
+
+        operation = "UPDATE" if old is not None else "CREATE"
+        for policy in self.admission_policies:
+            rules = policy["spec"]["matchConstraints"]["resourceRules"]
+            if not any(c.resource.group in r["apiGroups"] and c.resource.plural in r["resources"]
+                       and operation in r["operations"] for r in rules):  # fmt: skip
+                continue
+            wanted = policy["spec"]["paramKind"]
+            params = [o for res, k in self._kinds.items() if k.kind == wanted["kind"]
+                      for o in self._store.get(res, {}).values()]  # fmt: skip
+            denied = policy_admission.denials(policy, obj, params, old)
+            if denied:  # the API server names the first denial; reason Invalid: 422, the text as a cause
+                name, job = policy["metadata"]["name"], obj["metadata"].get("name", "")
+                text = f"ValidatingAdmissionPolicy '{name}' with binding '{name}' denied request: {denied[0]}"
+                raise ApiError(
+                    422, "Invalid", f'{_qualified(c.resource)} "{job}" is forbidden: {text}',
+                    {"name": job, "group": kind.group, "kind": c.resource.plural, "causes": [{"message": text}]},
+                )  # fmt: skip
 
     def _invalid(self, kind: Kind, name: str, fld: str, message: str) -> None:
         raise ApiError(
@@ -717,6 +743,8 @@ class KubeAPI(kmock.KubernetesEmulator):
         warnings: list[str] = []
         if kind.schema is not None:
             new, warnings = admit_custom(kind, new, old, c.params.get("fieldValidation") == "Strict")
+        if not c.subresource:
+            self._validating_policies(c, kind, new, old)
         if new == old or c.params.get("dryRun") == "All":
             return 200, new, warnings
         if "generation" in old["metadata"]:

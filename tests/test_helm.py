@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -31,10 +33,14 @@ NAMESPACED = {
     "priorityClassName": "system-cluster-critical",
     "env": [{"name": "EXTRA", "value": "1"}],
     "s3": {"credentialsSecret": "operator-s3-read"},
+    "profiles": {
+        "h100-team-a": yaml.safe_load((ROOT / "examples/platform/profile.yaml").read_text())["spec"]
+    },
+    "defaultProfile": "h100-team-a",
 }
 VALUE_SETS = {"defaults": {}, "namespaced": NAMESPACED}
 # Kinds kubernetes-validate has no schema for (they are not built in): checked by hand below.
-NOT_BUILT_IN = {"ServiceMonitor"}
+NOT_BUILT_IN = {"ServiceMonitor", "FineTuneProfile"}
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +334,57 @@ def test_operator_reads_s3_with_its_own_secret_only_when_given(chart):
     assert volume["secret"]["secretName"] == "operator-s3-read"
     default = one(render(chart), "Deployment")["spec"]["template"]["spec"]
     assert all("secret" not in v for v in default["volumes"])
+
+
+# ---------------------------------------------------------------- profiles and the admission policy
+
+
+def test_values_create_profiles_the_operator_can_read(chart):
+    from kubetune.profile_spec import FineTuneProfile
+    from tests.crd_admission import _json_schema
+
+    (obj,) = [o for o in render(chart, NAMESPACED) if o["kind"] == "FineTuneProfile"]
+    profile = FineTuneProfile.model_validate(obj)
+    assert profile.name == "h100-team-a" and profile.is_default
+    assert obj["spec"] == NAMESPACED["profiles"]["h100-team-a"]
+    assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "kubetune"
+    crd = yaml.safe_load((CHART / "crds" / "finetuneprofile.yaml").read_text())
+    schema = _json_schema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    assert list(jsonschema.Draft4Validator(schema).iter_errors(obj)) == []  # the API server takes it
+    two = {"profiles": {"a": {}, "b": {"limits": {"max_nodes": 2}}}}
+    assert [o["metadata"] for o in render(chart, two) if o["kind"] == "FineTuneProfile"][1].get(
+        "annotations"
+    ) is None
+    assert "FineTuneProfile" not in {o["kind"] for o in render(chart)}
+
+
+def test_profile_values_are_checked_before_anything_is_applied(chart):
+    from kubetune.profile_spec import FineTuneProfileSpec, Limits
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["profiles"]
+    assert set(schema["additionalProperties"]["properties"]) == set(FineTuneProfileSpec.model_fields)
+    assert set(schema["additionalProperties"]["properties"]["limits"]["properties"]) == set(
+        Limits.model_fields
+    )
+    with pytest.raises(helm.HelmError, match="max_gpu"):  # a misspelt limit would limit nothing
+        chart.render({"profiles": {"a": {"limits": {"max_gpu": 8}}}}, name=RELEASE)
+    with pytest.raises(helm.HelmError, match="defaultProfile b is not one of the profiles"):
+        chart.render({"profiles": {"a": {}}, "defaultProfile": "b"}, name=RELEASE)
+
+
+def test_the_admission_policy_is_the_generated_one_bound_to_every_profile(chart):
+    from kubetune.policy import build_policy
+
+    objs = render(chart)
+    policy = one(objs, "ValidatingAdmissionPolicy")
+    binding = one(objs, "ValidatingAdmissionPolicyBinding")
+    assert policy["metadata"]["name"] == f"{RELEASE}-profile-limits"
+    assert policy["spec"] == build_policy()["spec"]
+    assert policy["spec"]["paramKind"] == {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneProfile"}
+    assert binding["spec"] == {
+        "policyName": policy["metadata"]["name"],
+        "paramRef": {"selector": {}, "parameterNotFoundAction": "Allow"},
+        "validationActions": ["Deny"],
+    }
+    off = {o["kind"] for o in render(chart, {"admissionPolicy": {"enabled": False}})}
+    assert not off & {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}

@@ -405,3 +405,49 @@ def test_run_applies_the_profile_before_anything_starts(tmp_path: Path) -> None:
     assert run.stderr == (
         f"{job_file} (j): spec.pet_config.pet_type: full is not allowed by profile team-a (allowed_pet_types: lora)\n"
     )
+
+
+# ---------------------------------------------------------------- examples/platform
+
+PLATFORM = ROOT / "examples" / "platform"
+
+
+def test_the_platform_example_job_is_short_and_valid_with_its_profile() -> None:
+    job_file, profile_file = PLATFORM / "job.yaml", PLATFORM / "profile.yaml"
+    lines = job_file.read_text().split("\nspec:\n", 1)[1].splitlines()
+    assert 0 < len(lines) <= 8
+    run = _kubetune("validate", job_file, "--profile", profile_file)
+    assert (run.returncode, run.stderr) == (0, ""), run.stderr
+    assert run.stdout == f"{job_file}: support-bot-lora: valid (sft, lora)\n"
+    from tests import crd_admission
+
+    _, problems = crd_admission.admit(yaml.safe_load(job_file.read_text()))  # the API server takes it
+    assert problems == []
+
+
+def test_the_platform_example_profile_brings_the_gpu_pool_to_the_pods() -> None:
+    from kubetune.validate import apply_profile, load_job, load_profile
+    from kubetune_operator.render import render_job
+    from tests.kube_checks import K8S_VERSIONS, validate_strict
+
+    prof = load_profile(PLATFORM / "profile.yaml")
+    job = apply_profile(load_job(PLATFORM / "job.yaml"), prof, "job.yaml")
+    (pod,) = [o for o in render_job(job) if o["kind"] == "Pod"]
+    spec, (ctr,) = pod["spec"], pod["spec"]["containers"]
+    assert ctr["image"] == "registry.example.com/kubetune/trainer:0.1.0"
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} in ctr[
+        "env"
+    ]
+    assert ctr["resources"]["limits"]["nvidia.com/gpu"] == "2"  # the catalog model's, under the pool's 8
+    assert ctr["resources"]["limits"]["ephemeral-storage"] == "800Gi"
+    assert (spec["serviceAccountName"], spec["priorityClassName"]) == ("trainer", "team-a")
+    assert {"name": "AWS_ENDPOINT_URL_S3", "value": "https://s3.internal.example.com"} in ctr["env"]
+    assert {"name": "s3-credentials", "secret": {"secretName": "team-a-s3", "defaultMode": 0o440}} in spec[
+        "volumes"
+    ]
+    for version in K8S_VERSIONS:
+        validate_strict(pod, version)

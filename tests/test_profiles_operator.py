@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.fixtures_kube import ROOT, Cluster, job_doc
 from tests.kubelet import Kubelet, wait_for
@@ -79,6 +80,29 @@ def test_a_job_over_a_limit_fails_with_profile_violation(
     assert status["message"] == "spec.parallel_config.nnodes: 3 nodes exceeds max_nodes 2 of profile pool-a"
     assert cluster.pods("wide") == []
     assert ("Warning", "ProfileViolation") in cluster.events("wide")
+
+
+def test_with_the_admission_policy_a_job_over_a_limit_is_refused_at_apply(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from kubetune.policy import build_policy
+
+    install(cluster, PROFILE)
+    cluster.api.api.admission_policies.append(build_policy())  # as the chart installs it
+    job = tmp_path / "wide.yaml"
+    job.write_text(yaml.safe_dump(profiled_job("wide", tmp_path / "out", nnodes=3)))
+    run = cluster.kubectl("apply", "-f", str(job))
+    assert run.returncode == 1
+    assert run.stderr.strip().endswith(
+        "ValidatingAdmissionPolicy 'kubetune-profile-limits' with binding 'kubetune-profile-limits' denied "
+        "request: spec.parallel_config.nnodes: 3 nodes exceeds max_nodes 2 of profile pool-a"
+    )
+    assert cluster.kubectl("get", "finetunejobs").stdout.strip() in (
+        "",
+        "No resources found in default namespace.",
+    )
+    job.write_text(yaml.safe_dump(profiled_job("narrow", tmp_path / "out", nnodes=2)))
+    assert cluster.kubectl("apply", "-f", str(job)).returncode == 0
 
 
 def test_a_profile_edit_does_not_change_a_running_job(

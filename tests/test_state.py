@@ -364,6 +364,16 @@ def test_invalid_spec_fails_the_job() -> None:
     assert d.status["phase"] == "Failed" and cond(d, "Failed")["reason"] == "InvalidSpec"
 
 
+def test_a_profile_violation_fails_the_job_once_with_a_warning() -> None:
+    message = "spec.parallel_config.nnodes: 3 nodes exceeds max_nodes 2 of profile team-a"
+    d = state.profile_violation({"phase": "Pending", "attempt": 1}, 1, NOW, message)
+    assert d.status["phase"] == "Failed" and d.status["completion_time"] == "2026-11-23T12:00:00Z"
+    assert (cond(d, "Failed")["reason"], cond(d, "Failed")["message"]) == ("ProfileViolation", message)
+    assert [(e.type, e.reason, e.message) for e in d.events] == [("Warning", "ProfileViolation", message)]
+    again = state.profile_violation(d.status, 1, later(60), message)  # a later reconcile: nothing new
+    assert again.events == [] and again.status["completion_time"] == "2026-11-23T12:00:00Z"
+
+
 # ---------------------------------------------------------------- what real clusters do
 
 
