@@ -259,7 +259,10 @@ class Training(_Model):
         False, description="Recompute activations in backward to save memory."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Weights/compute precision. auto: bf16 on GPUs that support it, else fp32."
+        "auto",
+        description="Weights/compute precision. auto: bf16 on GPUs that support it and on CPUs with native "
+        "bf16 (AMX or AVX512-BF16 flags), else fp32. bf16 autocasts the compute and keeps trainable weights "
+        "(full, freeze) and LoRA adapters in fp32.",
     )
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = Field(
         "adamw_torch", description="Optimizer."

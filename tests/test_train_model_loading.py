@@ -117,7 +117,11 @@ def test_weights_must_be_safetensors(tiny_model_dirs: Any, tmp_path: Path) -> No
 def test_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
+    from kubetune_trainer import model_loading
+
+    monkeypatch.setattr(model_loading, "cpu_has_native_bf16", lambda: False)  # a CPU without AMX/AVX512-BF16
     assert resolve_precision("auto", "cpu").dtype == torch.float32
+    monkeypatch.undo()
     assert resolve_precision("bf16", "cpu").dtype == torch.bfloat16
     with pytest.raises(JobError, match="training.precision fp16 needs a CUDA GPU"):
         resolve_precision("fp16", "cpu")
