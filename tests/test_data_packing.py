@@ -16,7 +16,7 @@ import pytest
 
 from kubetune_trainer.chat_render import IGNORE_INDEX, ChatRenderer
 from kubetune_trainer.data_sources import iter_rows
-from kubetune_trainer.datasets_build import PretrainStream, _to_dataset, build_datasets
+from kubetune_trainer.datasets_build import PretrainStream, build_datasets
 from kubetune_trainer.formats import ASSISTANT, USER, Columns, Example, Turn
 from kubetune_trainer.packing import DataCollator, chunk, pack_best_fit, pack_blocks, pack_greedy, segments
 from tests.fixtures_data import EXAMPLE_DATA, make_job
@@ -55,7 +55,10 @@ def test_pack_greedy_positions_restart_and_first_labels_masked() -> None:
 
 
 def _best_fit(samples: list[Any], seq_length: int, *, split: bool = False) -> list[dict[str, list[int]]]:
-    return list(pack_best_fit(_to_dataset(segments(samples, seq_length, split=split)), seq_length))
+    import datasets
+
+    rows = datasets.Dataset.from_list(list(segments(samples, seq_length, split=split)))
+    return list(pack_best_fit(rows, seq_length))
 
 
 def _segments_of(row: dict[str, list[int]]) -> list[tuple[list[int], list[int]]]:

@@ -274,7 +274,7 @@ def _tokenized_dataset(
     seq_length: int,
     stats: DataStats | None,
 ) -> Any:
-    truncate = method != "pretrain"  # pre-training cuts documents into blocks instead
+    truncate = method != "pretrain"  # pre-training cuts documents into seq_length pieces instead
     encoded = _encode_all(renderer, examples, truncate=truncate, stats=stats)
     ds = _to_dataset(_sequences(encoded, method, packing, seq_length))
     if packing:
