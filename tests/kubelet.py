@@ -563,9 +563,17 @@ class Kubelet:
         assert self._session is not None
         ns, name = pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
         headers = {"Content-Type": "application/merge-patch+json"}
-        async with self._session.patch(f"/api/v1/namespaces/{ns}/pods/{name}/status",
-                                       data=json.dumps({"status": status}), headers=headers) as r:  # fmt: skip
-            await r.read()
+        for _ in range(5):  # a kubelet keeps reporting until the API server takes it
+            try:
+                async with self._session.patch(f"/api/v1/namespaces/{ns}/pods/{name}/status",
+                                               data=json.dumps({"status": status}), headers=headers) as r:  # fmt: skip
+                    body = await r.read()
+                    if r.status < 300 or r.status == 404:
+                        return
+                    print(f"kubelet: status of {name}: {r.status} {body[:300]!r}", file=sys.__stderr__)
+            except aiohttp.ClientError as e:
+                print(f"kubelet: status of {name}: {e!r}", file=sys.__stderr__)
+            await asyncio.sleep(0.2)
 
     async def _confirm_deletion(self, pod: dict) -> None:
         assert self._session is not None

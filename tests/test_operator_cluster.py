@@ -63,7 +63,7 @@ def test_a_node_gone_not_ready_restarts_the_gang_after_the_unknown_timeout(
     wait_for(lambda: progress_step(out) >= 3, 30, what="step 3")
     assert kubelet.lose_node("lost-a1-r1")
     pod = wait_for(lambda: next((p for p in cluster.pods("lost") if p["metadata"]["name"] == "lost-a1-r1"
-                                 and condition(p["status"], "Ready").get("reason") == "NodeNotReady"), None), 10)  # fmt: skip
+                                 and condition(p["status"], "Ready").get("reason") == "NodeNotReady"), None), 30)  # fmt: skip
     assert pod["status"]["phase"] == "Running"  # what the node lifecycle controller leaves
     status = cluster.wait_phase("lost", "Succeeded", timeout=90)
     assert (status["attempt"], status["restarts"], status["preemptions"]) == (2, 0, 1)
