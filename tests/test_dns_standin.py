@@ -68,12 +68,12 @@ def test_publication_reaches_a_process_that_is_already_running(dns: ClusterDNS) 
     """No caching in the stand-in: a process polling the name sees it as soon as it is published."""
     poll = f"""
 import socket, sys
-print("before", flush=True)
 try:
     socket.getaddrinfo("{POD}", 80)
     sys.exit("resolved before publication")
 except socket.gaierror:
     pass
+print("before", flush=True)  # only after the failed lookup: the test publishes when it reads this
 sys.stdin.readline()  # the test publishes, then writes a line
 print(socket.getaddrinfo("{POD}", 80)[0][4][0])
 """
