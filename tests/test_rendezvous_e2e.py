@@ -18,7 +18,7 @@ from tests.kubelet import Kubelet, wait_for
 
 pytestmark = pytest.mark.slow
 
-DNS_DELAY = 10.0  # longer than torchrun takes to start (import torch), so no rank sees a name at start
+DNS_DELAY = 15.0  # longer than torchrun takes to start (import torch), so no rank sees a name at start
 
 
 def torchrun_of_fake_trainer(pod: dict) -> list[str]:
