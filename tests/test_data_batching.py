@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from kubetune_trainer.datasets_build import CUDA_PAD_MULTIPLE, build_datasets
 from kubetune_trainer.model_loading import resolve_precision
 from kubetune_trainer.train import training_arguments
 from kubetune_trainer.trainer_class import kubetune_trainer
+from tests.callbacks import StopAt
 from tests.fixtures_data import EXAMPLE_DATA, make_job
 
 ALPACA = EXAMPLE_DATA / "alpaca_en_200.json"
@@ -138,17 +139,6 @@ def test_group_by_length_reaches_dpo_pairs(tiny_model_dirs: dict, tmp_path: Path
     plain, grouped = epoch(False), epoch(True)
     assert sum(len(b["input_ids"]) for b in grouped) == sum(len(b["input_ids"]) for b in plain) == 2 * 48
     assert _padding(grouped) < 0.8 * _padding(plain)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
 
 
 @pytest.mark.parametrize("mode", ["group_by_length", "packing"])

@@ -19,6 +19,7 @@ import pytest
 from transformers import TrainerCallback
 
 from kubetune.spec import FineTuneJob
+from tests.callbacks import StopAt
 
 REPO = Path(__file__).resolve().parents[1]
 C4 = REPO / "examples/data/c4_118.jsonl"
@@ -186,17 +187,6 @@ def test_pretrain_mixed_with_sft_data_by_ratio_trains(
     result = run_training(job, workdir=tmp_path / "work")
     assert result.completed and result.exported["adapter"].is_dir()
     assert all(math.isfinite(h["loss"]) for h in result.log_history if "loss" in h)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
 
 
 def test_streaming_resume_gives_the_same_losses(tiny_model_dirs: dict, corpus: dict, tmp_path: Path) -> None:
