@@ -31,6 +31,13 @@ LABEL_RANK = "kubetune.io/rank"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "kubetune"
 
+# Files and switches that pass between the trainer's own processes (supervise or `kubetune run`,
+# torchrun, the workers): torchrun does not pass a worker's exit status through.
+ENV_PREEMPT_MARKER = "KUBETUNE_PREEMPT_MARKER"  # a worker writes it after a committed SIGTERM save
+ENV_USER_ERROR_MARKER = "KUBETUNE_USER_ERROR_MARKER"  # a worker writes its one-line user error here
+ENV_RESTART = "KUBETUNE_RESTART"  # "1": the trainer supersedes the run in the output and starts over
+ENV_AGENT_PID = "KUBETUNE_AGENT_PID"  # torchrun's pid, for its workers (lifetime.die_with_parent)
+
 # Environment the operator sets in trainer pods.
 ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
 ENV_JOB_NAME = "KUBETUNE_JOB_NAME"

@@ -27,7 +27,10 @@ from typing import TYPE_CHECKING
 
 from kubetune.conventions import (
     CONFIG_PATH,
+    ENV_AGENT_PID,
+    ENV_RESTART,
     ENV_TERMINATION_MESSAGE_PATH,
+    ENV_USER_ERROR_MARKER,
     EXIT_PREEMPTED,
     EXIT_USER_ERROR,
     TERMINATION_MESSAGE_PATH,
@@ -187,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-ENV_USER_ERROR_MARKER = "KUBETUNE_USER_ERROR_MARKER"  # the same name supervise.py sets
-ENV_RESTART = "KUBETUNE_RESTART"  # the same name launch.py sets for `kubetune run --restart`
-ENV_AGENT_PID = "KUBETUNE_AGENT_PID"  # torchrun's pid when `kubetune run` started it
 _TERMINATION_MESSAGE_MAX = 4096  # what the kubelet keeps of a termination message
 
 

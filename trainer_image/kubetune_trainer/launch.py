@@ -40,11 +40,9 @@ from typing import IO, Any
 
 import yaml
 
-from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR
+from kubetune.conventions import ENV_AGENT_PID, ENV_RESTART, EXIT_PREEMPTED, EXIT_USER_ERROR
 from kubetune.validate import apply_profile, load_job, load_jobs_text, load_profile
 
-ENV_AGENT_PID = "KUBETUNE_AGENT_PID"  # torchrun's pid, for its workers (lifetime.die_with_parent)
-ENV_RESTART = "KUBETUNE_RESTART"  # "1": the trainer supersedes the run in the output and starts over
 RUN_LOG = "run.log"
 _KEEP_RUNS = 10  # work directories of earlier runs of a job kept (their logs)
 _BULKY = ("checkpoints", "resume", "upload-staging", "output")  # of a finished or dead run
@@ -66,11 +64,12 @@ def _cpu_count() -> int:
 
 def _method_problem(job: Any) -> str | None:
     """The one-line reason this machine cannot run the job's method or find its model, or None."""
-    from kubetune_trainer import methods, model_loading
-    from kubetune_trainer.errors import JobError
     from kubetune_trainer.train import quiet_known_noise
 
-    quiet_known_noise()
+    quiet_known_noise()  # before anything imports bitsandbytes: it warns once, at import
+    from kubetune_trainer import methods, model_loading
+    from kubetune_trainer.errors import JobError
+
     spec = job.spec
     try:
         precision = model_loading.resolve_precision(spec.training.precision)

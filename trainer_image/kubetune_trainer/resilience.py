@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from kubetune.conventions import ENV_ATTEMPT, EXIT_PREEMPTED, METRICS_FILE
+from kubetune.conventions import ENV_ATTEMPT, ENV_PREEMPT_MARKER, EXIT_PREEMPTED, METRICS_FILE
 from kubetune_trainer import checkpoints as ck
 from kubetune_trainer.diskspace import free_bytes, no_space_message
 from kubetune_trainer.errors import JobError
@@ -80,7 +80,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kubetune.resilience")
 
-ENV_PREEMPT_MARKER = "KUBETUNE_PREEMPT_MARKER"  # file the trainer writes after a committed SIGTERM save
 EXIT_MARGIN_SECONDS = 3.0  # of the grace budget, kept for stopping the processes after the commit
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 WATCHDOG_MARGIN_SECONDS = 1.5  # before the grace ends: torchrun and supervise still have to exit

@@ -27,10 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR
+from kubetune.conventions import ENV_PREEMPT_MARKER, ENV_USER_ERROR_MARKER, EXIT_PREEMPTED, EXIT_USER_ERROR
 
-ENV_PREEMPT_MARKER = "KUBETUNE_PREEMPT_MARKER"  # the same name resilience.py reads
-ENV_USER_ERROR_MARKER = "KUBETUNE_USER_ERROR_MARKER"  # the same name __main__.py writes
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _DEFAULT_GRACE = 25
 
