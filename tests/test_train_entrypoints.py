@@ -89,10 +89,12 @@ def test_an_invalid_job_file_exits_65_through_torchrun_with_the_reason_as_termin
 def test_kubetune_run_stops_before_torchrun_when_the_method_cannot_run(
     train_job: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import bitsandbytes as bnb
-
     from kubetune_trainer.launch import run_local
+    from kubetune_trainer.train import quiet_known_noise
     from tests.fixtures_train import METHOD_CASES
+
+    quiet_known_noise()  # this test's own import of bitsandbytes must not warn into what it captures
+    import bitsandbytes as bnb
 
     def no_backend(self: Any, x: Any) -> Any:
         raise RuntimeError("bitsandbytes was compiled without CPU support")
