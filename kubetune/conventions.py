@@ -56,3 +56,6 @@ ADAPTER_DIR = "final/adapter"
 MERGED_DIR = "final/merged"
 CHECKPOINTS_DIR = "checkpoints"
 COMMITTED_FILE = "COMMITTED"
+EVAL_DIR = "eval"
+EVAL_RESULTS_FILE = "eval/results.json"  # scores of the base and trained models, thresholds, pass/fail
+EVAL_PREDICTIONS_FILE = "eval/predictions.jsonl"  # prompt, reference, base and trained prediction
