@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kubetune.evaluation import METRICS, Metric, MetricScore
 from kubetune.uris import CRD_PATTERN, DOT_DOT_CEL, DOT_DOT_MESSAGE, parse_uri
 
 GROUP = "kubetune.io"
@@ -462,6 +463,67 @@ class Output(_Model):
     _uris = field_validator("uri")(_check_uri)
 
 
+_METRIC_NAMES = ", ".join(METRICS[:-1]) + f" or {METRICS[-1]}"
+_THRESHOLD_KEY_MESSAGE = f"every threshold must be for a metric: {_METRIC_NAMES}"
+_THRESHOLD_RANGE_MESSAGE = (
+    "bleu_4, rouge_l and exact_match thresholds are scores from 0 to 100; perplexity thresholds at least 1"
+)
+
+
+class Evaluation(_Model):
+    """Scores of the trained model against the base model after training, and the thresholds that gate it."""
+
+    metrics: list[Metric] = Field(
+        default_factory=lambda: list(METRICS),
+        min_length=1,
+        description="bleu_4 (sacrebleu, Chinese tokenized per character), rouge_l (F1, CJK per character) and "
+        "exact_match on greedy generations, 0 to 100; perplexity from the loss on the reference replies.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    dataset: str | None = _uri_field(
+        "Evaluation data, read with dataset.format and dataset.columns; default: the rows "
+        "dataset.validation_split holds out.",
+        default=None,
+    )
+    max_new_tokens: int = Field(128, ge=1, le=8192, description="Tokens generated per sample at most.")
+    num_samples: int = Field(50, ge=1, le=100000, description="Samples evaluated (the first of the data).")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per metric, the score the trained model must reach: a minimum for bleu_4, rouge_l and "
+        "exact_match (0 to 100), a maximum for perplexity. The Evaluated condition is True when all are met.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.all(k, k in " + repr(list(METRICS)) + ")", "message": _THRESHOLD_KEY_MESSAGE},
+                {
+                    "rule": "self.all(k, k == 'perplexity' ? double(self[k]) >= 1.0 "
+                    ": (double(self[k]) >= 0.0 && double(self[k]) <= 100.0))",
+                    "message": _THRESHOLD_RANGE_MESSAGE,
+                },
+            ]
+        },
+    )
+
+    _uris = field_validator("dataset")(_check_uri)
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        twice = sorted({m for m in v if v.count(m) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once")
+        return v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = [k for k in v if k not in METRICS]
+        if unknown:
+            raise ValueError(f"{_THRESHOLD_KEY_MESSAGE}, got {', '.join(map(repr, unknown))}")
+        if any(not (v[k] >= 1 if k == "perplexity" else 0 <= v[k] <= 100) for k in v):
+            raise ValueError(_THRESHOLD_RANGE_MESSAGE)
+        return v
+
+
 class RestartPolicy(_Model):
     max_restarts: int = Field(
         3,
@@ -605,6 +667,11 @@ class FineTuneJobSpec(_Model):
     )
     checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Checkpointing and resume.")
     output: Output = Field(description="Where results go.")
+    evaluation: Evaluation | None = Field(
+        None,
+        description="After training, generate with the trained and the base model, score both (eval/results.json, "
+        "eval/predictions.jsonl) and set the Evaluated condition from the thresholds.",
+    )
     restart_policy: RestartPolicy = Field(
         default_factory=RestartPolicy, description="Gang restarts on failure."
     )
@@ -787,6 +854,26 @@ CROSS_FIELD_RULES: list[Rule] = [
         lambda s: not s.dataset.streaming or s.training.max_steps is not None,
     ),
     Rule(
+        "spec.evaluation", "spec.evaluation.thresholds",
+        "!has(self.thresholds) || !has(self.metrics) || self.thresholds.all(k, k in self.metrics)",
+        "every threshold must be for a metric listed in evaluation.metrics",
+        lambda s: s.evaluation is None or all(k in s.evaluation.metrics for k in s.evaluation.thresholds),
+    ),
+    Rule(
+        "spec", "spec.evaluation.dataset",
+        "!has(self.evaluation) || has(self.evaluation.dataset) "
+        "|| (has(self.dataset.validation_split) && self.dataset.validation_split > 0.0)",
+        "evaluation needs evaluation.dataset, or dataset.validation_split > 0 to evaluate on the held-out rows",
+        lambda s: s.evaluation is None or s.evaluation.dataset is not None or s.dataset.validation_split > 0,
+    ),
+    Rule(
+        "spec", "spec.evaluation.metrics",
+        "!has(self.evaluation) || self.method != 'pretrain' "
+        "|| (has(self.evaluation.metrics) && self.evaluation.metrics.all(m, m == 'perplexity'))",
+        "method pretrain has no replies to compare generations with: evaluate it with metrics [perplexity]",
+        lambda s: s.evaluation is None or s.method != "pretrain" or s.evaluation.metrics == ["perplexity"],
+    ),
+    Rule(
         "spec.restart_policy", "spec.restart_policy.max_backoff_seconds",
         "!has(self.max_backoff_seconds) || !has(self.backoff_seconds) || self.max_backoff_seconds >= self.backoff_seconds",
         "max_backoff_seconds must be >= backoff_seconds",
@@ -856,6 +943,30 @@ class ProfileRecord(BaseModel):
     )
 
 
+# Reasons of the Evaluated condition, set once a job with spec.evaluation Succeeded.
+EVALUATED_PASSED = "ThresholdsPassed"  # True: every threshold met
+EVALUATED_NO_THRESHOLDS = "NoThresholds"  # True: scored, nothing to gate on
+EVALUATED_FAILED = "ThresholdFailed"  # False: the message names the thresholds not met
+EVALUATED_ERROR = "EvaluationError"  # False: the evaluation could not run (e.g. unreadable evaluation data)
+EVALUATED_MISSING = "ResultsMissing"  # False: the output has no eval/results.json
+EVALUATED_UNAVAILABLE = "ResultsUnavailable"  # Unknown: the operator cannot read the output (pvc://, errors)
+
+
+class EvaluationStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    passed: bool | None = Field(
+        None,
+        description="Every threshold met (the Evaluated condition); none when the results were unreadable.",
+    )
+    reason: str = Field(description="The Evaluated condition's reason.")
+    message: str = Field("", description="The thresholds not met, or what went wrong.")
+    scores: dict[str, MetricScore] = Field(
+        default_factory=dict, description="Per metric: base and trained scores, threshold, passed."
+    )
+    num_samples: int | None = Field(None, description="Samples evaluated.")
+    results: str | None = Field(None, description="URI of eval/results.json.")
+
+
 Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
 
 
@@ -902,6 +1013,9 @@ class FineTuneJobStatus(BaseModel):
     )
     profile: ProfileRecord | None = Field(
         None, description="The profile snapshot this job runs with (taken at its first reconcile)."
+    )
+    evaluation: EvaluationStatus | None = Field(
+        None, description="spec.evaluation's scores from eval/results.json, once the job Succeeded."
     )
 
 
