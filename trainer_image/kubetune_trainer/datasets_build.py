@@ -598,4 +598,22 @@ def preview(job: Any, tokenizer: Any, n: int = 3) -> list[tuple[Example, Any]]:
     return out
 
 
-__all__ = ["BuiltData", "DataStats", "PretrainStream", "build_datasets", "preview"]
+def evaluation_examples(job: Any, limit: int, uri: str | None = None) -> list[Example]:
+    """Up to `limit` normalised examples to evaluate on: the first rows of `uri` (read with the main
+    dataset's format and columns), or without it the rows `build_datasets` held out, in its order."""
+    spec = job.spec
+    ds = spec.dataset
+    s3 = spec.storage.s3 if spec.storage is not None else None
+    reader = _Reader(
+        uri or ds.uri, _main_format(spec), Columns.from_spec(ds.columns), spec.method, s3,
+        BadRows(ds.on_bad_row),
+    )  # fmt: skip
+    if uri is not None:
+        return [ex for _, ex in zip(range(limit), reader, strict=False)]
+    if ds.streaming:
+        held = (ex for i, ex in enumerate(reader) if _held_out(i, spec.training.seed, ds.validation_split))
+        return [ex for _, ex in zip(range(limit), held, strict=False)]
+    return _split(reader.read_all(), ds.validation_split, spec.training.seed, ds.uri)[1][:limit]
+
+
+__all__ = ["BuiltData", "DataStats", "PretrainStream", "build_datasets", "evaluation_examples", "preview"]
