@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from kubetune_trainer.reporting import ReportingCallback, format_duration, plot_loss
@@ -43,3 +44,29 @@ def test_no_losses_no_plot(tmp_path: Path) -> None:
 
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (None, 5, 75, 3725)] == ["?", "5s", "1m15s", "1h02m"]
+
+
+def test_preference_runs_show_reward_margin_and_accuracy_on_the_progress_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), report_to=[])
+    # what TRL's DPOTrainer logs with each loss
+    logs = {"loss": 0.52, "rewards/chosen": 0.4, "rewards/rejected": -0.9, "rewards/margins": 1.3,
+            "rewards/accuracies": 0.95, "learning_rate": 1e-4}  # fmt: skip
+    plain = ReportingCallback(tmp_path / "plain", bar=False)
+    plain.on_train_begin(args, _state(0), TrainerControl())
+    plain.on_log(args, _state(5, tokens=100), TrainerControl(), logs=dict(logs))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss 0.5200" in line and "reward margin 1.300" in line and "accuracy 95%" in line
+
+    bar = ReportingCallback(tmp_path / "bar", bar=True)
+    bar.on_train_begin(args, _state(0), TrainerControl())
+    bar.on_log(args, _state(5, tokens=100), TrainerControl(), logs=dict(logs))
+    assert "reward margin 1.300" in bar.bar.postfix and "accuracy 95%" in bar.bar.postfix
+    bar.on_train_end(args, _state(5), TrainerControl())
+    capsys.readouterr()
+
+    sft = ReportingCallback(tmp_path / "sft", bar=False)  # no rewards logged: nothing about them shown
+    sft.on_train_begin(args, _state(0), TrainerControl())
+    sft.on_log(args, _state(5, tokens=100), TrainerControl(), logs={"loss": 1.0})
+    assert "reward" not in capsys.readouterr().err

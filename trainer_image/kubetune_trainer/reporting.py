@@ -7,7 +7,8 @@ see them too:
 - ``tokens_per_second``: input tokens (non-padding, all ranks together) per second since the last log;
 - ``eta_seconds``: remaining steps times this session's mean seconds per step.
 
-On rank 0 only it shows a tqdm bar with loss, tokens/s and ETA when stderr is a terminal (one
+On rank 0 only it shows a tqdm bar with loss (for preference methods also the reward margin and
+preference accuracy TRL logs), tokens/s and ETA when stderr is a terminal (one
 plain line per log otherwise, e.g. in pods), appends one JSON object per log event to
 ``<output>/metrics.jsonl`` (``{"step", "epoch", "time", "loss", ...}``; a resumed run first drops
 lines past its starting step, so the file is one consistent curve) and at the end draws
@@ -123,7 +124,7 @@ class ReportingCallback(TrainerCallback):
 
     def _show(self, state: Any, logs: dict) -> None:
         if "loss" in logs:
-            parts = [f"loss {logs['loss']:.4f}"]
+            parts = [f"loss {logs['loss']:.4f}", *_preference_parts(logs)]
             if "tokens_per_second" in logs:
                 parts.append(f"{logs['tokens_per_second']:,.0f} tok/s")
             if self.bar is not None:
@@ -150,6 +151,19 @@ class ReportingCallback(TrainerCallback):
         keep = [line for line in lines if line.strip() and _step_of(line) <= step]
         if len(keep) != len(lines):
             self.metrics_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _preference_parts(logs: dict) -> list[str]:
+    """Preference methods (dpo, ...): TRL logs `rewards/margins` and `rewards/accuracies` with each
+    loss; a loss alone says little there (it starts at log 2 whatever the data), the margin and the
+    share of pairs ranked right say whether the model learns the preference."""
+    parts = []
+    margin, accuracy = logs.get("rewards/margins"), logs.get("rewards/accuracies")
+    if isinstance(_num(margin), (int, float)):
+        parts.append(f"reward margin {_num(margin):.3f}")
+    if isinstance(_num(accuracy), (int, float)):
+        parts.append(f"accuracy {_num(accuracy):.0%}")
+    return parts
 
 
 def _num(v: Any) -> Any:
