@@ -74,6 +74,10 @@ def run_job(job: FineTuneJob, workdir: Path) -> TrainResult:
                 callbacks.append(lease_callback(lease))
             result = run_training(job, workdir=workdir, callbacks=callbacks, resume_from=res.resume_from)
             res.finish(result)
+            if job.spec.evaluation is not None:  # once the model is uploaded; rank 0 scores it
+                from kubetune_trainer.evaluation import evaluate_after_training
+
+                evaluate_after_training(job, result)
         if lease is not None and result.completed:
             from kubetune_trainer.rerun import mark_finished
 
