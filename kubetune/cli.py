@@ -120,6 +120,18 @@ def _status(args: argparse.Namespace) -> int:
     return print_status(load_job(args.file))
 
 
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        from kubetune_trainer.evaluation import run_eval
+    except ImportError as e:
+        print(f"kubetune eval needs kubetune[trainer] installed: {e}", file=sys.stderr)
+        return 1
+    job = load_job(args.file)
+    if args.output:
+        job.spec.output.uri = args.output
+    return run_eval(job)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -192,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print a job's progress.json from its output store")
     p.add_argument("file", metavar="FILE", help=JOB_FILE_HELP)
     p.set_defaults(func=_status)
+
+    p = sub.add_parser(
+        "eval",
+        help="score a finished job's model against its base model (spec.evaluation); exit 1 if a threshold fails",
+    )
+    p.add_argument("file", metavar="FILE", help=JOB_FILE_HELP)
+    p.add_argument("--output", default=None, help="override spec.output.uri")
+    p.set_defaults(func=_eval)
     return parser
 
 
