@@ -524,6 +524,64 @@ class Evaluation(_Model):
         return v
 
 
+_TRACKING_URI_SCHEME_MESSAGE = "must be an http:// or https:// URL, or databricks"
+_TRACKING_URI_USERINFO_MESSAGE = (
+    "must not hold credentials (user:password@host); store them in a Secret and set credentials_secret"
+)
+
+
+class MLflowTracking(_Model):
+    tracking_uri: str = Field(
+        description="The MLflow tracking server (http:// or https://), or databricks.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.matches('^(https?://|databricks)')", "message": _TRACKING_URI_SCHEME_MESSAGE},
+                {"rule": "!self.matches('^[^/]*//[^/?#]*@')", "message": _TRACKING_URI_USERINFO_MESSAGE},
+            ]
+        },
+    )
+    experiment: str | None = Field(
+        None,
+        min_length=1,
+        description="Experiment of the run (created if missing); MLflow's Default when omitted.",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        description="Secret in the job's namespace with keys MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+        "or MLFLOW_TRACKING_TOKEN; the pods get them as environment variables.",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://", "databricks")):
+            raise ValueError(f"{_TRACKING_URI_SCHEME_MESSAGE}, got {v!r}")
+        from urllib.parse import urlsplit
+
+        if "@" in urlsplit(v).netloc:
+            raise ValueError(_TRACKING_URI_USERINFO_MESSAGE)  # the value itself is a secret: not echoed
+        return v
+
+
+class WandbTracking(_Model):
+    project: str = Field(min_length=1, description="W&B project of the run.")
+    api_key_secret: str | None = Field(
+        None, description="Secret in the job's namespace with key WANDB_API_KEY (the pods' environment)."
+    )
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="online: stream to W&B; offline: write the run under <output>/wandb (wandb sync it).",
+    )
+
+
+class Tracking(_Model):
+    tensorboard: bool = Field(
+        False, description="Write TensorBoard event files to <output>/tensorboard (one log dir per job)."
+    )
+    mlflow: MLflowTracking | None = Field(None, description="Log params and metrics to an MLflow run.")
+    wandb: WandbTracking | None = Field(None, description="Log to a Weights & Biases run.")
+
+
 class RestartPolicy(_Model):
     max_restarts: int = Field(
         3,
@@ -671,6 +729,10 @@ class FineTuneJobSpec(_Model):
         None,
         description="After training, generate with the trained and the base model, score both (eval/results.json, "
         "eval/predictions.jsonl) and set the Evaluated condition from the thresholds.",
+    )
+    tracking: Tracking = Field(
+        default_factory=Tracking,
+        description="Experiment tracking (TensorBoard, MLflow, W&B); a restarted job continues the same run.",
     )
     restart_policy: RestartPolicy = Field(
         default_factory=RestartPolicy, description="Gang restarts on failure."
