@@ -41,23 +41,26 @@ ENV_AGENT_PID = "KUBETUNE_AGENT_PID"  # torchrun's pid, for its workers (lifetim
 # Environment the operator sets in trainer pods.
 ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
 ENV_JOB_NAME = "KUBETUNE_JOB_NAME"
-ENV_CACHE_DIR = "KUBETUNE_CACHE_DIR"  # local scratch for downloaded models, checkpoints
 
 # Where trainer pods find the job's S3 credentials Secret (keys as files), and the variable naming it.
 S3_CREDENTIALS_DIR = "/var/run/secrets/kubetune/s3"
 ENV_S3_CREDENTIALS_DIR = "KUBETUNE_S3_CREDENTIALS_DIR"
 
-# Layout under spec.output.uri.
-PROGRESS_FILE = "progress.json"
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
-TENSORBOARD_DIR = "tensorboard"  # spec.tracking.tensorboard: one log dir per job
-TRACKING_FILE = "tracking.json"  # the MLflow / W&B run ids a restarted attempt continues
-FINAL_DIR = "final"
-ADAPTER_DIR = "final/adapter"
-MERGED_DIR = "final/merged"
-CHECKPOINTS_DIR = "checkpoints"
-COMMITTED_FILE = "COMMITTED"
-EVAL_DIR = "eval"
-EVAL_RESULTS_FILE = "eval/results.json"  # scores of the base and trained models, thresholds, pass/fail
-EVAL_PREDICTIONS_FILE = "eval/predictions.jsonl"  # prompt, reference, base and trained prediction
+# The output layout and the cache's environment are declared in kubetune/locations.py; these names
+# stay importable from here.
+from kubetune.locations import (  # noqa: E402, F401
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    COMMITTED_FILE,
+    ENV_CACHE_DIR,
+    EVAL_DIR,
+    EVAL_PREDICTIONS_FILE,
+    EVAL_RESULTS_FILE,
+    FINAL_DIR,
+    LOSS_PLOT,
+    MERGED_DIR,
+    METRICS_FILE,
+    PROGRESS_FILE,
+    TENSORBOARD_DIR,
+    TRACKING_FILE,
+)
