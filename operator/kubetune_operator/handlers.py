@@ -40,7 +40,7 @@ import pydantic
 from kubernetes.client.exceptions import ApiException
 
 from kubetune import profiles
-from kubetune.conventions import LABEL_ATTEMPT, LABEL_MANAGED_BY, MANAGER, PROGRESS_FILE
+from kubetune.conventions import EVAL_RESULTS_FILE, LABEL_ATTEMPT, LABEL_MANAGED_BY, MANAGER, PROGRESS_FILE
 from kubetune.profile_spec import PROFILE_PLURAL
 from kubetune.spec import GROUP, KIND, PLURAL, VERSION, FineTuneJob, FineTuneJobSpec
 from kubetune.uris import parse_uri
@@ -227,6 +227,23 @@ def read_progress(spec: FineTuneJobSpec) -> dict | None:
         return None
 
 
+def read_evaluation(spec: FineTuneJobSpec) -> state.EvaluationRead:
+    """<output>/eval/results.json, read like progress.json (spec.evaluation's scores)."""
+    from kubetune_trainer.store import LocalStore, ObjectNotFound, StoreError
+
+    uri = f"{spec.output.uri.rstrip('/')}/{EVAL_RESULTS_FILE}"
+    try:
+        store = _store(spec)
+        if store is None or (isinstance(store, LocalStore) and not store.path("").exists()):
+            return state.EvaluationRead(None, uri, readable=False)  # not this operator's file system
+        return state.EvaluationRead(json.loads(store.get_bytes(EVAL_RESULTS_FILE)), uri)
+    except ObjectNotFound:
+        return state.EvaluationRead(None, uri)
+    except (StoreError, ValueError, OSError, ImportError) as e:
+        log.warning("cannot read %s: %s", uri, e)
+        return state.EvaluationRead(None, uri, readable=False)
+
+
 def output_committed(spec: FineTuneJobSpec, progress: dict | None) -> bool | None:
     """Whether the trainer committed its final output: progress.json says done, or final/ exists.
 
@@ -359,14 +376,15 @@ def _reconcile_once(kube: Kube, job: dict) -> state.Decision:
     attempt = int(status.get("attempt") or 0)
     rank0_done = any(p.attempt == attempt and p.rank == 0 and p.phase == "Succeeded" for p in observed)
 
-    progress = committed = None
+    progress = committed = evaluation = None
     if rank0_done and status.get("phase") not in state.TERMINAL:  # the last progress and the output check
         progress = read_progress(spec)
         committed = output_committed(spec, progress)
+        evaluation = read_evaluation(spec) if spec.evaluation is not None else None
     decision = state.decide(
         state.Observed(
             spec=spec, status=status, generation=int(meta.get("generation") or 1), pods=observed,
-            now=now, output_committed=committed,
+            now=now, output_committed=committed, evaluation=evaluation,
         )
     )  # fmt: skip
     decision.status.update(state.progress_status(progress))

@@ -54,14 +54,23 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel
 
 from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR, LABEL_ATTEMPT, LABEL_RANK
+from kubetune.evaluation import EvaluationResults
 from kubetune.profiles import PROFILE_VIOLATION
-from kubetune.spec import FineTuneJobSpec
+from kubetune.spec import (
+    EVALUATED_ERROR,
+    EVALUATED_FAILED,
+    EVALUATED_MISSING,
+    EVALUATED_NO_THRESHOLDS,
+    EVALUATED_PASSED,
+    EVALUATED_UNAVAILABLE,
+    FineTuneJobSpec,
+)
 
 PENDING, RUNNING, RESTARTING = "Pending", "Running", "Restarting"
 SUCCEEDED, FAILED, SUSPENDED = "Succeeded", "Failed", "Suspended"
@@ -180,6 +189,16 @@ class Observed:
     pods: tuple[PodObs, ...]
     now: dt.datetime
     output_committed: bool | None = None  # True/False from the store; None: cannot tell (trust exit 0)
+    evaluation: EvaluationRead | None = None  # eval/results.json as read once rank 0 exited (spec.evaluation)
+
+
+@dataclass(frozen=True)
+class EvaluationRead:
+    """What the operator found at <output>/eval/results.json."""
+
+    doc: dict[str, Any] | None  # the parsed file; None when it is not there
+    uri: str  # where it was looked for
+    readable: bool = True  # False: the operator cannot read the output (pvc://, store errors)
 
 
 # ---------------------------------------------------------------- what to do
@@ -312,9 +331,8 @@ def _conditions(
     """Standard conditions: lastTransitionTime moves only when the status flips."""
     previous = {c.get("type"): c for c in old or []}
     out = []
-    for ctype in CONDITION_TYPES:
-        value, reason, message = values[ctype]
-        status = "True" if value else "False"
+    for ctype, (value, reason, message) in values.items():
+        status = "Unknown" if value is None else "True" if value else "False"
         before = previous.get(ctype) or {}
         since = before.get("lastTransitionTime") if before.get("status") == status else None
         out.append({
@@ -359,6 +377,13 @@ def _status(
         "ChangesPending": (bool(pending), "SpecEdited" if pending else "None",
                            _pending_message(pending, s.get("attempt", 0)) if pending else ""),
     }  # fmt: skip
+    evaluation = s.get("evaluation")
+    if evaluation:  # for `kubectl wait --for=condition=Evaluated` (a GitOps promotion gate)
+        values["Evaluated"] = (
+            evaluation.get("passed"),
+            evaluation["reason"],
+            evaluation.get("message") or "",
+        )
     s["conditions"] = _conditions(o.status.get("conditions") or [], o.now, o.generation, values)
     return {k: v for k, v in s.items() if v is not None}
 
@@ -381,7 +406,15 @@ def _unfinished(pods: list[PodObs]) -> list[PodObs]:
 
 def decide(o: Observed) -> Decision:
     """What to do next for one job (see the module docstring)."""
+    events = []
+    if o.evaluation is not None:
+        evaluation = evaluation_status(o.evaluation)
+        if evaluation != (o.status or {}).get("evaluation"):
+            kind = "Normal" if evaluation.get("passed") else "Warning"
+            events.append(Event(kind, evaluation["reason"], evaluation["message"]))
+        o = replace(o, status={**(o.status or {}), "evaluation": evaluation})
     d = _decide(o)
+    d.events += events
     # Pods on a lost node never finish a graceful deletion (no kubelet is left to confirm it).
     timeout = o.spec.restart_policy.unknown_timeout_seconds
     lost = {p.name for p in o.pods if _unreachable(p, o.now, timeout)}
@@ -731,3 +764,37 @@ def progress_status(doc: dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(ckpt, dict) and ckpt.get("uri"):
         out["last_checkpoint"] = {"uri": str(ckpt["uri"]), "step": int(ckpt.get("step") or 0)}
     return out
+
+
+def evaluation_status(read: EvaluationRead) -> dict[str, Any]:
+    """status.evaluation from eval/results.json: the scores, passed, and the Evaluated condition's reason
+    and message (the thresholds not met, or why there are no results)."""
+    if not read.readable:  # no `passed`: the condition is Unknown
+        return {"reason": EVALUATED_UNAVAILABLE, "results": read.uri,
+                "message": f"cannot read {read.uri} from here; see kubetune eval"}  # fmt: skip
+    if read.doc is None:
+        return {"passed": False, "reason": EVALUATED_MISSING, "results": read.uri,
+                "message": f"{read.uri} was not written"}  # fmt: skip
+    try:
+        results = EvaluationResults.model_validate(read.doc)
+    except ValueError as e:
+        first = str(e).splitlines()[0]
+        return {"passed": False, "reason": EVALUATED_ERROR, "results": read.uri,
+                "message": f"{read.uri} is not readable evaluation results: {first}"}  # fmt: skip
+    if results.error:
+        reason, message = EVALUATED_ERROR, f"the evaluation could not run: {results.error}"
+    elif results.failed:
+        reason, message = EVALUATED_FAILED, "threshold not met: " + "; ".join(results.failed)
+    elif any(s.threshold is not None for s in results.scores.values()):
+        reason, message = EVALUATED_PASSED, "every threshold met: " + _met(results)
+    else:
+        reason, message = EVALUATED_NO_THRESHOLDS, "scored (no thresholds set): " + _met(results)
+    return {
+        "passed": results.passed and not results.error, "reason": reason, "message": message,
+        "scores": {k: v.model_dump(exclude_none=True) for k, v in results.scores.items()},
+        "num_samples": results.num_samples, "results": read.uri,
+    }  # fmt: skip
+
+
+def _met(results: EvaluationResults) -> str:
+    return ", ".join(f"{k} {s.trained:.4g}" for k, s in results.scores.items() if s.trained is not None)
