@@ -40,7 +40,7 @@ def _validate(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.files:
         try:
-            jobs = load_jobs(path)
+            jobs = load_jobs(path, args.set)
             if profile is not None:
                 jobs = [apply_profile(job, profile, path) for job in jobs]
         except SpecError as e:
@@ -84,7 +84,7 @@ def _render(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile) if args.profile else None
     docs = []
     for path in args.files:
-        for job in load_jobs(path):
+        for job in load_jobs(path, args.set):
             job = apply_profile(job, profile, path)  # without one: the job as written (model.uri needed)
             if args.namespace:
                 job.metadata.namespace = args.namespace
@@ -104,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         cpu=args.cpu,
         restart=args.restart,
         profile=args.profile,
+        overrides=args.set,
     )
 
 
@@ -142,6 +143,10 @@ def _version() -> str:
 
 
 JOB_FILE_HELP = "a FineTuneJob YAML file"
+SET_HELP = (
+    "set one field of the job, e.g. training.learning_rate=1e-4 (a path under spec; the value is YAML); "
+    "repeatable, validated like the file"
+)
 PROFILE_HELP = "a FineTuneProfile YAML file: apply its defaults, pod settings, model catalog and limits"
 
 
@@ -156,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     p.add_argument("--no-data", action="store_true", help="do not read local dataset files")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help=SET_HELP)
     p.add_argument("--profile", metavar="PROFILE", help=PROFILE_HELP)
     p.set_defaults(func=_validate)
 
@@ -178,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE", help="FineTuneJob YAML files")
     p.add_argument("--attempt", type=int, default=1, help="the attempt number to render (default 1)")
     p.add_argument("-n", "--namespace", default=None, help="namespace of the objects (default the job's)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help=SET_HELP)
     p.add_argument("--profile", metavar="PROFILE", help=PROFILE_HELP)
     p.set_defaults(func=_render)
 
@@ -187,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="override spec.output.uri")
     p.add_argument("--max-steps", type=int, default=None, help="override spec.training.max_steps")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where the spec requests GPUs")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help=SET_HELP)
     p.add_argument("--profile", metavar="PROFILE", help=PROFILE_HELP)
     p.add_argument(
         "--restart",

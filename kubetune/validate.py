@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kubetune.overrides import Override, OverrideError, apply_overrides, parse_override
 from kubetune.spec import API_VERSION, KIND, CrossFieldError, FineTuneJob
 
 if TYPE_CHECKING:
@@ -305,8 +307,9 @@ def local_path_warnings(job: FineTuneJob) -> list[tuple[str, str]]:
     return out
 
 
-def load_jobs_text(text: str, source: str = "<input>") -> list[FineTuneJob]:
-    """Parse and validate every document; raise SpecError listing every problem."""
+def load_jobs_text(text: str, source: str = "<input>", overrides: Sequence[str] = ()) -> list[FineTuneJob]:
+    """Parse and validate every document, with the ``--set PATH=VALUE`` `overrides` applied to each
+    (kubetune.overrides); raise SpecError listing every problem."""
     try:
         docs = load_yaml_documents(text)
     except yaml.YAMLError as e:
@@ -320,9 +323,16 @@ def load_jobs_text(text: str, source: str = "<input>") -> list[FineTuneJob]:
         raise SpecError([Problem(source, "", "empty file: no FineTuneJob found")])
     problems: list[Problem] = []
     jobs: list[FineTuneJob] = []
+    sets = _parse_overrides(overrides, source)
     for i, doc in enumerate(docs, 1):
         where = source if len(docs) == 1 else f"{source}#{i}"
-        found = problems_of(doc, where)
+        if sets:
+            try:
+                doc = apply_overrides(doc, sets)
+            except OverrideError as e:
+                problems.append(Problem(_label(doc, where), e.path, e.message))
+                continue
+        found = [_blame(p, sets) for p in problems_of(doc, where)]
         if found:
             problems += found
         else:
@@ -332,8 +342,34 @@ def load_jobs_text(text: str, source: str = "<input>") -> list[FineTuneJob]:
     return jobs
 
 
-def load_jobs(path: str | Path) -> list[FineTuneJob]:
-    """Every FineTuneJob in a YAML file."""
+def _parse_overrides(overrides: Sequence[str], source: str) -> list[Override]:
+    out, problems = [], []
+    for text in overrides:
+        try:
+            out.append(parse_override(text))
+        except OverrideError as e:
+            problems.append(Problem(source, e.path, e.message))
+    if problems:
+        raise SpecError(problems)
+    return out
+
+
+def _label(doc: Any, where: str) -> str:
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return f"{where} ({name})" if name else where
+
+
+def _blame(problem: Problem, sets: Sequence[Override]) -> Problem:
+    """A problem with a value given on the command line says which --set gave it."""
+    for o in reversed(sets):
+        if problem.path and o.covers(problem.path):
+            return Problem(problem.document, problem.path, f"{problem.message} (--set {o.text})")
+    return problem
+
+
+def load_jobs(path: str | Path, overrides: Sequence[str] = ()) -> list[FineTuneJob]:
+    """Every FineTuneJob in a YAML file (with ``--set`` `overrides` applied)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -341,12 +377,12 @@ def load_jobs(path: str | Path) -> list[FineTuneJob]:
         raise SpecError(
             [Problem(str(p), "", f"cannot read: {e.strerror if isinstance(e, OSError) else e}")]
         ) from None
-    return load_jobs_text(text, str(p))
+    return load_jobs_text(text, str(p), overrides)
 
 
-def load_job(path: str | Path) -> FineTuneJob:
-    """The single FineTuneJob in a YAML file."""
-    jobs = load_jobs(path)
+def load_job(path: str | Path, overrides: Sequence[str] = ()) -> FineTuneJob:
+    """The single FineTuneJob in a YAML file (with ``--set`` `overrides` applied)."""
+    jobs = load_jobs(path, overrides)
     if len(jobs) != 1:
         raise SpecError([Problem(str(path), "", f"expected one FineTuneJob, found {len(jobs)}")])
     return jobs[0]

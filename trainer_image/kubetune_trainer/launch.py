@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -235,11 +236,12 @@ def run_local(
     cpu: bool = False,
     restart: bool = False,
     profile: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
 ) -> int:
-    """Run the job in `path` locally, with the FineTuneProfile file `profile` applied if given; returns
-    the exit status (0: trained and exported, or already finished; 65: a problem with the job or this
+    """Run the job in `path` locally, with the ``--set PATH=VALUE`` `overrides` and the FineTuneProfile
+    file `profile` applied if given; returns the exit status (0: trained and exported, or already finished; 65: a problem with the job or this
     machine; 75: interrupted, resumable)."""
-    job = apply_profile(load_job(path), load_profile(profile) if profile else None, str(path))
+    job = apply_profile(load_job(path, overrides), load_profile(profile) if profile else None, str(path))
     doc = job.model_dump(mode="json", exclude_none=True)
     if output is not None:
         doc["spec"]["output"]["uri"] = output
