@@ -265,6 +265,26 @@ def _env(job: FineTuneJob, attempt: int) -> list[dict[str, Any]]:
             env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s3.endpoint})
         if s3.credentials_secret:
             env.append({"name": c.ENV_S3_CREDENTIALS_DIR, "value": c.S3_CREDENTIALS_DIR})
+    return env + _tracking_env(job)
+
+
+# Keys of spec.tracking's Secrets, each the name of the variable transformers' callbacks read.
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+WANDB_SECRET_KEY = "WANDB_API_KEY"
+
+
+def _tracking_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """Tracker credentials as references to the Secrets spec.tracking names (never their values).
+    MLflow's keys are each optional: a Secret holds a username and password, or a token."""
+    t = job.spec.tracking
+    env: list[dict[str, Any]] = []
+    if t.mlflow is not None and t.mlflow.credentials_secret:
+        for key in MLFLOW_SECRET_KEYS:
+            ref = {"name": t.mlflow.credentials_secret, "key": key, "optional": True}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    if t.wandb is not None and t.wandb.api_key_secret:
+        ref = {"name": t.wandb.api_key_secret, "key": WANDB_SECRET_KEY}
+        env.append({"name": WANDB_SECRET_KEY, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 

@@ -17,7 +17,14 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kubetune.conventions import FINAL_DIR, LOSS_PLOT, METRICS_FILE, PROGRESS_FILE
+from kubetune.conventions import (
+    FINAL_DIR,
+    LOSS_PLOT,
+    METRICS_FILE,
+    PROGRESS_FILE,
+    TENSORBOARD_DIR,
+    TRACKING_FILE,
+)
 from kubetune_trainer import checkpoints as ck
 from kubetune_trainer.store import ObjectNotFound, ObjectStore, StoreError, open_store
 
@@ -131,8 +138,9 @@ def supersede(job: FineTuneJob) -> int:
     for name in other:
         ckstore.delete_prefix(f"{name}/")
     out = open_store(spec.output.uri, spec.storage.s3)
-    for key in (FINISHED_FILE, METRICS_FILE, LOSS_PLOT, PROGRESS_FILE):
+    for key in (FINISHED_FILE, METRICS_FILE, LOSS_PLOT, PROGRESS_FILE, TRACKING_FILE):  # new tracker runs too
         out.delete(key)
+    out.delete_prefix(f"{TENSORBOARD_DIR}/")
     if committed:
         log.warning(
             "--restart: removed %d checkpoints of the earlier run (newest step %d) from %s",

@@ -60,6 +60,7 @@ from transformers import TrainerCallback
 
 from kubetune.conventions import ENV_ATTEMPT, ENV_PREEMPT_MARKER, EXIT_PREEMPTED, METRICS_FILE
 from kubetune_trainer import checkpoints as ck
+from kubetune_trainer import tracking
 from kubetune_trainer.diskspace import free_bytes, no_space_message
 from kubetune_trainer.errors import JobError
 from kubetune_trainer.progress import ProgressWriter, local_progress_path
@@ -423,6 +424,8 @@ class Resilience:
         """A new pod continues the job's metrics.jsonl (s3:// outputs live in the store, not here)."""
         if local_path_for(self.spec.output.uri) is not None or self.out_store is None:
             return
+        if self.spec.tracking.tensorboard:  # and the job's one TensorBoard log dir
+            tracking.restore_tensorboard(self.out_store, self.output_dir)
         local = self.output_dir / METRICS_FILE
         if local.exists():
             return
@@ -453,6 +456,8 @@ class Resilience:
                     self.out_store.put_bytes(METRICS_FILE, data)
                 except StoreError as e:
                     log.warning("could not upload %s: %s", METRICS_FILE, e)
+            if self.spec.tracking.tensorboard:
+                tracking.upload_tensorboard(self.out_store, self.output_dir)
 
     # ------------------------------------------------------------ SIGTERM, SIGINT
     def _on_signal(self, signum: int, frame: Any) -> None:
