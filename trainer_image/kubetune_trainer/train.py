@@ -8,9 +8,9 @@
 runs in every torchrun process (rank, world size and local rank come from the environment; a plain
 ``python`` call is one process):
 
-1. checks the method can run here (:func:`pet.plan_pet`; a `JobError` otherwise), resolves
+1. checks the method can run here (:func:`methods.plan_method`; a `JobError` otherwise), resolves
    and loads model + tokenizer (:mod:`model_loading`), builds the data
-   (:func:`datasets_build.build_datasets`), applies the method (:func:`pet.apply_pet`) and
+   (:func:`datasets_build.build_datasets`), applies the method (:func:`methods.apply_method`) and
    logs trainable vs total parameters;
 2. builds `TrainingArguments` from ``spec.training`` (:func:`training_arguments`) and runs
    ``Trainer.train(resume_from_checkpoint=resume_from)``;
@@ -193,7 +193,7 @@ def run_training(
     quiet_known_noise()
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
-    from kubetune_trainer import model_loading, pet, tracking
+    from kubetune_trainer import methods, model_loading, tracking
     from kubetune_trainer.datasets_build import build_datasets
     from kubetune_trainer.reporting import ReportingCallback
 
@@ -209,7 +209,7 @@ def run_training(
 
     _use_own_gpu(dist)
     precision = model_loading.resolve_precision(spec.training.precision)
-    plan = pet.plan_pet(spec, precision)
+    plan = methods.plan_method(spec, precision)
     tracking.check_installed(spec)
     model_dir = model_loading.resolve_model_dir(
         spec.model.uri, s3=spec.storage.s3, revision=spec.model.revision
@@ -229,8 +229,8 @@ def run_training(
     from transformers import set_seed
 
     set_seed(spec.training.seed)  # adapter init (LoRA A) is random: the same seed gives the same run
-    model = pet.apply_pet(model, spec, plan, adapter_dir=adapter_dir)
-    trainable, total = pet.count_parameters(model)
+    model = methods.apply_method(model, spec, plan, adapter_dir=adapter_dir)
+    trainable, total = methods.count_parameters(model)
     if dist.is_main:
         log.info(
             "model %s: %s; trainable params %s of %s (%.2f%%); %s on %s x %d",
