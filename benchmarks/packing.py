@@ -121,7 +121,7 @@ def _epoch_fill(trainer: Any) -> tuple[int, int]:
 def fill_table(model_dir: Path, tmp: Path, a: argparse.Namespace) -> list[tuple[str, str, float, str]]:
     from transformers import AutoModelForCausalLM, Trainer
 
-    from kubetune_trainer import methods, model_loading
+    from kubetune_trainer import model_loading, pet
     from kubetune_trainer.datasets_build import build_datasets
     from kubetune_trainer.dpo import build_dpo_trainer
     from kubetune_trainer.packing import pack_blocks
@@ -138,11 +138,11 @@ def fill_table(model_dir: Path, tmp: Path, a: argparse.Namespace) -> list[tuple[
         build_s = time.process_time() - t0
         args = training_arguments(j.spec, tmp / "ck", precision=precision, has_eval=False)
         if j.spec.method == "dpo":
-            plan = methods.plan_method(j.spec, precision)
+            plan = pet.plan_pet(j.spec, precision)
             model = model_loading.load_model(
                 model_dir, j.spec, precision, quantization_config=None, device="cpu"
             )
-            model = methods.apply_method(model, j.spec, plan)
+            model = pet.apply_pet(model, j.spec, plan)
             tr = build_dpo_trainer(j.spec, model=model, tokenizer=tok, data=built, args=args, plan=plan)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -104,7 +104,7 @@ def test_group_by_length_order_depends_on_the_seed_and_epoch_only(
 
 def test_group_by_length_reaches_dpo_pairs(tiny_model_dirs: dict, tmp_path: Path) -> None:
     """TRL's DPOTrainer samples with the same sampler: a pair is as long as its prompt and longer reply."""
-    from kubetune_trainer import methods, model_loading
+    from kubetune_trainer import model_loading, pet
     from kubetune_trainer.dpo import build_dpo_trainer
     from tests.test_dpo import make_job as dpo_job
 
@@ -126,12 +126,12 @@ def test_group_by_length_reaches_dpo_pairs(tiny_model_dirs: dict, tmp_path: Path
         training = {"group_by_length": grouped, "seq_length": 512}
         job = dpo_job("p", model_dir, data, tmp_path / "out", training=training)
         spec = job.spec
-        plan = methods.plan_method(spec, precision)
+        plan = pet.plan_pet(spec, precision)
         tokenizer = model_loading.load_tokenizer(spec, model_dir)
         built = build_datasets(job, tokenizer, seed=42)
         model = model_loading.load_model(model_dir, spec, precision, quantization_config=None, device="cpu")
         trainer = build_dpo_trainer(
-            spec, model=methods.apply_method(model, spec, plan), tokenizer=tokenizer, data=built,
+            spec, model=pet.apply_pet(model, spec, plan), tokenizer=tokenizer, data=built,
             args=training_arguments(spec, tmp_path / "ck", precision=precision, has_eval=False), plan=plan,
         )  # fmt: skip
         return list(trainer.get_train_dataloader())

@@ -65,8 +65,8 @@ def test_adapter_and_merged_exports_agree_and_generate(trained: Any, case: str, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kubetune_trainer.methods import keep_4bit_layers_trainable, quantization_config
     from kubetune_trainer.model_loading import resolve_precision
+    from kubetune_trainer.pet import keep_4bit_layers_trainable, quantization_config
 
     job, result = trained(case)
     adapter, merged_dir = result.exported["adapter"], result.exported["merged"]
@@ -131,14 +131,14 @@ def test_freeze_changes_only_the_last_layers(trained: Any, tiny_model_dirs: Any)
 def test_freeze_named_modules(train_job: Any, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from kubetune_trainer.methods import MethodPlan, apply_method
+    from kubetune_trainer.pet import PetPlan, apply_pet
 
     job = train_job(
         tmp_path,
         pet_config={"pet_type": "freeze", "freeze_trainable_modules": ["lm_head", r"model\.layers\.0\.mlp"]},
     )
     model = AutoModelForCausalLM.from_pretrained(job.spec.model.uri)
-    apply_method(model, job.spec, MethodPlan("freeze", ""))
+    apply_pet(model, job.spec, PetPlan("freeze", ""))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
         "lm_head.weight",
@@ -150,18 +150,18 @@ def test_freeze_named_modules(train_job: Any, tmp_path: Path) -> None:
         tmp_path, pet_config={"pet_type": "freeze", "freeze_trainable_modules": ["no_such_module"]}
     )
     with pytest.raises(JobError, match=r"freeze_trainable_modules: 'no_such_module' match no module"):
-        apply_method(model, bad.spec, MethodPlan("freeze", ""))
+        apply_pet(model, bad.spec, PetPlan("freeze", ""))
 
 
 def test_lora_target_modules_that_match_nothing_name_the_field(train_job: Any, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from kubetune_trainer.methods import MethodPlan, apply_method
+    from kubetune_trainer.pet import PetPlan, apply_pet
 
     job = train_job(tmp_path, pet_config={"pet_type": "lora", "target_modules": ".*wq|.*wv"})
     model = AutoModelForCausalLM.from_pretrained(job.spec.model.uri)
     with pytest.raises(JobError, match=r"spec.pet_config.target_modules '\.\*wq\|\.\*wv'.*q_proj"):
-        apply_method(model, job.spec, MethodPlan("lora", ""))
+        apply_pet(model, job.spec, PetPlan("lora", ""))
 
 
 # target_modules regexes, hostile ones included: (case id, regex, module suffixes that get adapters or
@@ -180,7 +180,7 @@ def test_lora_target_regexes_match_in_linear_time(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from kubetune_trainer.methods import MethodPlan, apply_method
+    from kubetune_trainer.pet import PetPlan, apply_pet
 
     job = train_job(tmp_path, pet_config={"pet_type": "lora", "target_modules": regex})
     model = AutoModelForCausalLM.from_pretrained(job.spec.model.uri)
@@ -188,9 +188,9 @@ def test_lora_target_regexes_match_in_linear_time(
         with pytest.raises(
             JobError, match=rf"^spec.pet_config.target_modules '{re.escape(regex)}': {expected}"
         ):
-            apply_method(model, job.spec, MethodPlan("lora", ""))
+            apply_pet(model, job.spec, PetPlan("lora", ""))
         return
-    peft_model = apply_method(model, job.spec, MethodPlan("lora", ""))
+    peft_model = apply_pet(model, job.spec, PetPlan("lora", ""))
     adapted = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == expected
 
@@ -198,7 +198,7 @@ def test_lora_target_regexes_match_in_linear_time(
 def test_a_target_name_that_is_also_a_suffix_stays_exact() -> None:
     import torch
 
-    from kubetune_trainer.methods import resolve_target_modules
+    from kubetune_trainer.pet import resolve_target_modules
 
     model = torch.nn.Module()
     model.proj = torch.nn.Linear(2, 2)
@@ -213,12 +213,12 @@ def test_a_target_name_that_is_also_a_suffix_stays_exact() -> None:
 def test_freeze_patterns_match_in_linear_time(train_job: Any, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from kubetune_trainer.methods import MethodPlan, apply_method
+    from kubetune_trainer.pet import PetPlan, apply_pet
 
     job = train_job(tmp_path, pet_config={"pet_type": "freeze", "freeze_trainable_modules": ["(.*.*)*normX"]})
     model = AutoModelForCausalLM.from_pretrained(job.spec.model.uri)
     with pytest.raises(JobError, match=r"freeze_trainable_modules: '\(\.\*\.\*\)\*normX' match no module"):
-        apply_method(model, job.spec, MethodPlan("freeze", ""))
+        apply_pet(model, job.spec, PetPlan("freeze", ""))
 
 
 def test_qlora_without_a_working_bitsandbytes_backend_stops_with_one_line(
@@ -226,8 +226,8 @@ def test_qlora_without_a_working_bitsandbytes_backend_stops_with_one_line(
 ) -> None:
     import bitsandbytes as bnb
 
-    from kubetune_trainer.methods import plan_method
     from kubetune_trainer.model_loading import resolve_precision
+    from kubetune_trainer.pet import plan_pet
 
     def no_backend(self: Any, x: Any) -> Any:
         raise NotImplementedError("no kernel for device cpu\nregistered: cuda")
@@ -235,7 +235,7 @@ def test_qlora_without_a_working_bitsandbytes_backend_stops_with_one_line(
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", no_backend)
     job = train_job(tmp_path, pet_config=METHOD_CASES["qlora-4bit-nf4"])
     with pytest.raises(JobError) as err:
-        plan_method(job.spec, resolve_precision("fp32"))
+        plan_pet(job.spec, resolve_precision("fp32"))
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith(

@@ -45,7 +45,7 @@ from kubetune_trainer.errors import JobError
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJobSpec
     from kubetune_trainer.datasets_build import BuiltData
-    from kubetune_trainer.methods import MethodPlan
+    from kubetune_trainer.pet import PetPlan
 
 log = logging.getLogger("kubetune.dpo")
 
@@ -98,11 +98,11 @@ def build_dpo_trainer(
     tokenizer: Any,
     data: BuiltData,
     args: Any,
-    plan: MethodPlan,
+    plan: PetPlan,
     callbacks: Sequence[Any] = (),
     load_reference: Callable[[], Any] | None = None,
 ) -> Any:
-    """A ``DPOTrainer`` for a model that ``methods.apply_method`` prepared.
+    """A ``DPOTrainer`` for a model that ``pet.apply_pet`` prepared.
 
     `args`: the TrainingArguments train.py built (rebuilt here as a DPOConfig). `load_reference`:
     loads the base again (full/freeze only; LoRA/QLoRA never load a second copy).

@@ -25,8 +25,8 @@ from kubetune.conventions import ADAPTER_DIR, MERGED_DIR
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJobSpec
-    from kubetune_trainer.methods import MethodPlan
     from kubetune_trainer.model_loading import Precision
+    from kubetune_trainer.pet import PetPlan
 
 log = logging.getLogger("kubetune.export")
 
@@ -37,7 +37,7 @@ def export_final(
     spec: FineTuneJobSpec,
     output_dir: Path,
     *,
-    plan: MethodPlan,
+    plan: PetPlan,
     precision: Precision,
     model_dir: Path,
     state_dict: dict[str, Any] | None = None,
@@ -79,7 +79,7 @@ def export_final(
     return written
 
 
-def merge_onto_base(model_dir: Path, adapter_dir: Path, plan: MethodPlan, precision: Precision) -> Any:
+def merge_onto_base(model_dir: Path, adapter_dir: Path, plan: PetPlan, precision: Precision) -> Any:
     """Reload the base as in training (QLoRA: quantized the same way, then de-quantized) and merge
     the saved adapter into it."""
     import torch

@@ -93,7 +93,7 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 def resolve_precision(precision: str, device: str | None = None) -> Precision:
     """`training.precision` to a dtype; a precision this machine cannot run is a JobError. ``auto``:
     bf16 on GPUs that support it and on CPUs with native bf16 (:func:`cpu_has_native_bf16`), else
-    fp32. bf16 keeps trainable full/freeze weights and LoRA adapters in fp32 (methods.py) and
+    fp32. bf16 keeps trainable full/freeze weights and LoRA adapters in fp32 (pet.py) and
     autocasts the compute."""
     import torch
 

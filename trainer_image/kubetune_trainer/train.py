@@ -8,9 +8,9 @@
 runs in every torchrun process (rank, world size and local rank come from the environment; a plain
 ``python`` call is one process):
 
-1. checks the method can run here (:func:`methods.plan_method`; a `JobError` otherwise), resolves
+1. checks the method can run here (:func:`pet.plan_pet`; a `JobError` otherwise), resolves
    and loads model + tokenizer (:mod:`model_loading`), builds the data
-   (:func:`datasets_build.build_datasets`), applies the method (:func:`methods.apply_method`) and
+   (:func:`datasets_build.build_datasets`), applies the method (:func:`pet.apply_pet`) and
    logs trainable vs total parameters;
 2. builds `TrainingArguments` from ``spec.training`` (:func:`training_arguments`) and runs
    ``Trainer.train(resume_from_checkpoint=resume_from)``;
@@ -126,8 +126,6 @@ def training_arguments(
     """transformers `TrainingArguments` for `spec.training` (+ checkpoint cadence and parallelism)."""
     from transformers import TrainingArguments
 
-    from kubetune_trainer.tracking import report_to
-
     t = spec.training
     steps = max_steps or t.max_steps
     kwargs: dict[str, Any] = dict(
@@ -163,7 +161,7 @@ def training_arguments(
         label_names=["labels"],  # peft models hide `labels` from the Trainer's signature check
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
-        report_to=report_to(spec),  # spec.tracking: transformers' own callbacks (tracking.py)
+        report_to=[],
         disable_tqdm=True,  # reporting.ReportingCallback draws the bar
         log_level="warning",
         log_level_replica="error",
@@ -193,7 +191,7 @@ def run_training(
     quiet_known_noise()
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
-    from kubetune_trainer import methods, model_loading, tracking
+    from kubetune_trainer import model_loading, pet
     from kubetune_trainer.datasets_build import build_datasets
     from kubetune_trainer.reporting import ReportingCallback
 
@@ -209,8 +207,7 @@ def run_training(
 
     _use_own_gpu(dist)
     precision = model_loading.resolve_precision(spec.training.precision)
-    plan = methods.plan_method(spec, precision)
-    tracking.check_installed(spec)
+    plan = pet.plan_pet(spec, precision)
     model_dir = model_loading.resolve_model_dir(
         spec.model.uri, s3=spec.storage.s3, revision=spec.model.revision
     )
@@ -229,8 +226,8 @@ def run_training(
     from transformers import set_seed
 
     set_seed(spec.training.seed)  # adapter init (LoRA A) is random: the same seed gives the same run
-    model = methods.apply_method(model, spec, plan, adapter_dir=adapter_dir)
-    trainable, total = methods.count_parameters(model)
+    model = pet.apply_pet(model, spec, plan, adapter_dir=adapter_dir)
+    trainable, total = pet.count_parameters(model)
     if dist.is_main:
         log.info(
             "model %s: %s; trainable params %s of %s (%.2f%%); %s on %s x %d",
@@ -239,11 +236,9 @@ def run_training(
         )  # fmt: skip
         log.info("data: %s", data.stats.summary())
 
-    tracked = tracking.start(job, out_dir, workdir=workdir, resume_from=resume_from, is_main=dist.is_main)
     args = training_arguments(
-        spec, ckpt_dir, precision=precision, has_eval=data.eval_dataset is not None, max_steps=max_steps,
-        run_name=job.metadata.name,
-    )  # fmt: skip
+        spec, ckpt_dir, precision=precision, has_eval=data.eval_dataset is not None, max_steps=max_steps
+    )
     reporter = ReportingCallback(out_dir, title=job.metadata.name)
     if spec.method == "dpo":
         from kubetune_trainer.dpo import build_dpo_trainer
@@ -265,7 +260,6 @@ def run_training(
             processing_class=tokenizer,
             callbacks=[reporter, *callbacks],
         )
-    tracked.attach(trainer)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     if trainer.is_fsdp_enabled and dist.is_main:

@@ -1,4 +1,5 @@
-"""Which weights train: `spec.pet_config` applied to a loaded model.
+"""Which weights train: `spec.pet_config` (a separate axis from `spec.method`, the training recipe)
+applied to a loaded model.
 
 - ``full`` (and ``none``): every weight trains.
 - ``freeze``: only the last ``freeze_trainable_layers`` decoder layers train, or, when
@@ -17,7 +18,7 @@ Full and freeze keep trainable weights in fp32 when the model is loaded in bf16/
 precision then autocasts), so optimizer updates are not lost to rounding; LoRA adapters are fp32
 through peft's own autocast of adapter dtypes.
 
-:func:`plan_method` runs before anything heavy: where this machine cannot run the method (no
+:func:`plan_pet` runs before anything heavy: where this machine cannot run the pet_type (no
 bitsandbytes, no bitsandbytes backend for the device) it raises a one-line :class:`JobError`, so a
 run never fails with a stack trace half-way into loading.
 """
@@ -36,12 +37,12 @@ if TYPE_CHECKING:
     from kubetune.spec import FineTuneJobSpec
     from kubetune_trainer.model_loading import Precision
 
-log = logging.getLogger("kubetune.methods")
+log = logging.getLogger("kubetune.pet")
 
 
 @dataclass(frozen=True)
-class MethodPlan:
-    """What `plan_method` decided, before the model is loaded."""
+class PetPlan:
+    """What `plan_pet` decided, before the model is loaded."""
 
     pet_type: str  # full | freeze | lora | qlora
     description: str  # for the start-up line, e.g. "qlora (4-bit nf4, double quant, rank 8)"
@@ -55,24 +56,24 @@ class MethodPlan:
 # ---------------------------------------------------------------- before loading
 
 
-def plan_method(spec: FineTuneJobSpec, precision: Precision) -> MethodPlan:
-    """Check this machine can run the job's method and build what loading needs."""
+def plan_pet(spec: FineTuneJobSpec, precision: Precision) -> PetPlan:
+    """Check this machine can run the job's pet_config and build what loading needs."""
     pc = spec.pet_config
     pet = "full" if pc.pet_type == "none" else pc.pet_type
     if spec.training.optimizer == "adamw_8bit":
         _import_bitsandbytes("training.optimizer adamw_8bit")
     if pet == "full":
-        return MethodPlan("full", "full (every weight trains)")
+        return PetPlan("full", "full (every weight trains)")
     if pet == "freeze":
         what = (
             f"modules {', '.join(pc.freeze_trainable_modules)}"
             if pc.freeze_trainable_modules
             else f"last {pc.freeze_trainable_layers} layers"
         )
-        return MethodPlan("freeze", f"freeze (only the {what} train)")
+        return PetPlan("freeze", f"freeze (only the {what} train)")
     lora = f"rank {pc.lora_rank}, alpha {pc.lora_alpha}, target_modules {_show_targets(pc.target_modules)}"
     if pet == "lora":
-        return MethodPlan("lora", f"lora ({lora})")
+        return PetPlan("lora", f"lora ({lora})")
     q = pc.quantization
     assert q is not None  # the spec's cross-field rules require it for qlora
     if q.bits == 4:
@@ -80,7 +81,7 @@ def plan_method(spec: FineTuneJobSpec, precision: Precision) -> MethodPlan:
     else:
         desc = "8-bit"
     _probe_bitsandbytes(q.bits, q.quant_type, q.double_quant, precision, desc)
-    return MethodPlan("qlora", f"qlora ({desc}; {lora})", quantization_config(spec, precision))
+    return PetPlan("qlora", f"qlora ({desc}; {lora})", quantization_config(spec, precision))
 
 
 def quantization_config(spec: FineTuneJobSpec, precision: Precision) -> Any:
@@ -153,9 +154,7 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------- after loading
 
 
-def apply_method(
-    model: Any, spec: FineTuneJobSpec, plan: MethodPlan, *, adapter_dir: Path | None = None
-) -> Any:
+def apply_pet(model: Any, spec: FineTuneJobSpec, plan: PetPlan, *, adapter_dir: Path | None = None) -> Any:
     """Set what trains on a loaded model; LoRA/QLoRA return a peft model.
 
     `adapter_dir`: an existing adapter (spec.model.adapter_uri, resolved) to keep training instead
