@@ -90,11 +90,12 @@ def test_save_to_disk_dataset_and_datasetdict(tmp_path: Path) -> None:
         _data(str(tmp_path / "nodtrain"))
 
 
-def test_pvc_uri_reads_the_mounted_claim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kubetune_trainer.data_sources as ds
-
+def test_pvc_uri_reads_the_claim_where_kubetune_pvc_root_puts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the model loader does: $KUBETUNE_PVC_ROOT/<claim>/<path> outside the cluster."""
     write_rows(tmp_path / "claims" / "my-claim" / "sft" / "data.jsonl", ROWS)
-    monkeypatch.setattr(ds, "pvc_mount_path", lambda claim: str(tmp_path / "claims" / claim))
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path / "claims"))
     assert _data("pvc://my-claim/sft/data.jsonl") == ROWS
     with pytest.raises(DataError, match="is the claim mounted"):
         _data("pvc://other-claim/data.jsonl")

@@ -2,10 +2,10 @@
 
 A data URI names a file or a directory:
 
-- a plain path or ``file://`` path, ``pvc://claim/path`` (the claim is mounted at
-  :func:`kubetune.uris.pvc_mount_path`), ``s3://bucket/key`` (downloaded once into the local cache
-  through :func:`kubetune_trainer.store.open_store`), ``hf://org/name`` (``datasets.load_dataset``,
-  only where the hub is reachable);
+- a plain path or ``file://`` path, ``pvc://claim/path`` (:func:`kubetune.locations.local_path`,
+  as for the model), ``s3://bucket/key`` (fetched once into the local cache,
+  :func:`kubetune_trainer.locations.fetch`), ``hf://org/name`` (``datasets.load_dataset``, only
+  where the hub is reachable);
 - files: ``.json`` (an array of objects, or an object holding one such array), ``.jsonl`` /
   ``.ndjson`` (one object per line), ``.parquet``, ``.csv``, ``.tsv``, ``.txt`` (one row per
   non-blank line, in the text column); each may also end in ``.gz``;
@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from kubetune.uris import Uri, parse_uri, pvc_mount_path
+from kubetune.uris import parse_uri
 from kubetune_trainer.errors import JobError
 
 log = logging.getLogger("kubetune.data")
@@ -115,23 +113,11 @@ def type_name(value: Any) -> str:
 # ---------------------------------------------------------------- locating data
 
 
-def cache_dir() -> Path:
-    """Local scratch for downloaded data: $KUBETUNE_CACHE_DIR/data, else ~/.cache/kubetune/data."""
-    from kubetune.conventions import ENV_CACHE_DIR
-
-    base = os.environ.get(ENV_CACHE_DIR) or os.path.join(Path.home(), ".cache", "kubetune")
-    return Path(base) / "data"
-
-
 def _is_data_file(name: str) -> bool:
     n = name.lower()
     if n.endswith(".gz"):
         n = n[:-3]
     return n.endswith(DATA_SUFFIXES)
-
-
-def _looks_like_file(key: str) -> bool:
-    return _is_data_file(key.rsplit("/", 1)[-1])
 
 
 @dataclass(frozen=True)
@@ -143,65 +129,40 @@ class LocalData:
     kind: str  # "file" | "dir" | "disk" (save_to_disk) | "hf"
 
 
-def _download_s3(uri: Uri, s3: Any, text: str) -> Path:
-    """Download an s3:// file or prefix into the cache (atomically, once) and return the local path."""
-    try:
-        from kubetune_trainer.store import open_store
-    except ImportError as e:  # pragma: no cover - store.py ships with the trainer
-        raise DataError(f"{text}: reading s3:// data needs kubetune_trainer.store ({e})") from None
+def _data_keys(text: str) -> Callable[[list[str]], list[str]]:
+    """Which objects of an s3:// prefix are data: all of a save_to_disk directory, else data files."""
 
-    root = cache_dir() / hashlib.sha256(text.encode()).hexdigest()[:16]
-    if _looks_like_file(uri.path):
-        parent_key, _, name = uri.path.rpartition("/")
-        store = open_store(str(Uri("s3", uri.netloc, parent_key)), s3)
-        local = root / name
-        if not local.exists():
-            if not store.exists(name):
-                raise DataError(f"{text}: no such object")
-            _get_atomic(store, name, local)
-        return local
-    store = open_store(str(uri), s3)
-    keys = sorted(k.lstrip("/") for k in store.list(""))
-    if not keys:
-        raise DataError(f"{text}: no objects under this prefix")
-    is_disk = any(k.rsplit("/", 1)[-1] in _DISK_MARKERS for k in keys)
-    wanted = keys if is_disk else [k for k in keys if _is_data_file(k)]
-    if not wanted:
-        raise DataError(
-            f"{text}: no data files under this prefix (looked for {', '.join(DATA_SUFFIXES)}); "
-            f"found e.g. {', '.join(keys[:3])}"
-        )
-    for key in wanted:
-        local = root / key
-        if not local.exists():
-            _get_atomic(store, key, local)
-    return root
+    def select(keys: list[str]) -> list[str]:
+        if any(k.rsplit("/", 1)[-1] in _DISK_MARKERS for k in keys):
+            return keys
+        wanted = [k for k in keys if _is_data_file(k)]
+        if not wanted:
+            raise DataError(
+                f"{text}: no data files under this prefix (looked for {', '.join(DATA_SUFFIXES)}); "
+                f"found e.g. {', '.join(keys[:3])}"
+            )
+        return wanted
 
-
-def _get_atomic(store: Any, key: str, local: Path) -> None:
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
-    store.get_file(key, str(tmp))
-    os.replace(tmp, local)
+    return select
 
 
 def resolve(text: str, s3: Any = None) -> LocalData:
-    """Turn a data URI into a local file or directory (downloading s3:// data into the cache)."""
+    """Turn a data URI into a local file or directory (s3:// data fetched into the cache once,
+    pvc:// found where kubetune.locations.local_path says, as for the model)."""
     try:
         uri = parse_uri(text)
     except ValueError as e:
         raise DataError(f"dataset uri {text!r}: {e}") from None
     if uri.scheme == "hf":
         return LocalData(text, Path(uri.path), "hf")
-    if uri.scheme == "s3":
-        path = _download_s3(uri, s3, text)
-    elif uri.scheme == "pvc":
-        path = Path(pvc_mount_path(uri.netloc)) / uri.path
-    else:
-        path = Path(uri.path).expanduser()
-    if not path.exists():
-        hint = " (is the claim mounted in this pod?)" if uri.scheme == "pvc" else ""
-        raise DataError(f"{text}: no such file or directory{hint}")
+    from kubetune_trainer.locations import to_local
+
+    try:
+        path = to_local(text, s3, field="", select=_data_keys(text))
+    except DataError:
+        raise
+    except JobError as e:  # the same one line, as the data error it is
+        raise DataError(str(e)) from None
     if path.is_dir():
         names = {p.name for p in path.iterdir()}
         if names & set(_DISK_MARKERS):
@@ -438,6 +399,6 @@ def iter_rows(
 
 
 __all__ = [
-    "BadRowError", "BadRows", "DataError", "LocalData", "Row", "cache_dir", "data_files", "iter_file_rows",
+    "BadRowError", "BadRows", "DataError", "LocalData", "Row", "data_files", "iter_file_rows",
     "iter_rows", "resolve", "type_name",
 ]  # fmt: skip

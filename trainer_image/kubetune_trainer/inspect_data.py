@@ -9,11 +9,10 @@ truncated samples, samples with no trainable token, skipped bad rows, packed seq
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
 from kubetune_trainer.chat_render import IGNORE_INDEX, Encoded
-from kubetune_trainer.data_sources import DataError, cache_dir
+from kubetune_trainer.data_sources import DataError
 from kubetune_trainer.datasets_build import DataStats, build_datasets, preview
 
 GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
@@ -28,7 +27,7 @@ def load_tokenizer(job: Any) -> Any:
     """The job's tokenizer (model.tokenizer_uri, else model.uri); for s3:// only tokenizer files are fetched."""
     from transformers import AutoTokenizer
 
-    from kubetune.uris import parse_uri, pvc_mount_path
+    from kubetune.uris import parse_uri
 
     model = job.spec.model
     text = model.tokenizer_uri or model.uri
@@ -36,21 +35,18 @@ def load_tokenizer(job: Any) -> Any:
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
     if uri.scheme == "hf":
         return AutoTokenizer.from_pretrained(uri.path, revision=model.revision, **kwargs)
-    if uri.scheme == "pvc":
-        path = Path(pvc_mount_path(uri.netloc)) / uri.path
-    elif uri.scheme == "s3":
-        import hashlib
+    from kubetune_trainer.errors import JobError
+    from kubetune_trainer.locations import to_local
 
-        from kubetune_trainer.store import open_store
-
-        path = cache_dir().parent / "tokenizers" / hashlib.sha256(text.encode()).hexdigest()[:16]
-        store = open_store(text, job.spec.storage.s3 if job.spec.storage else None)
-        for name in _TOKENIZER_FILES:
-            if not (path / name).exists() and store.exists(name):
-                path.mkdir(parents=True, exist_ok=True)
-                store.get_file(name, str(path / name))
-    else:
-        path = Path(uri.path)
+    try:  # s3://: only the tokenizer's files are fetched
+        path = to_local(
+            text,
+            job.spec.storage.s3,
+            field="",
+            select=lambda keys: [k for k in keys if k in _TOKENIZER_FILES],
+        )
+    except JobError as e:
+        raise DataError(f"tokenizer {e}") from None
     if not path.exists():
         raise DataError(f"tokenizer {text}: no such directory")
     try:
