@@ -236,7 +236,7 @@ def _models(job: FineTuneJob, output_dir: Path) -> Iterator[tuple[Any, Iterator[
     the base loaded as training loaded it (quantized for qlora, with model.adapter_uri applied)."""
     import torch
 
-    from kubetune_trainer import methods, model_loading
+    from kubetune_trainer import model_loading, pet
 
     spec = job.spec
     adapter = output_dir / ADAPTER_DIR
@@ -248,7 +248,7 @@ def _models(job: FineTuneJob, output_dir: Path) -> Iterator[tuple[Any, Iterator[
         )
     precision = model_loading.resolve_precision(spec.training.precision)
     device = f"cuda:{torch.cuda.current_device()}" if precision.device_type == "cuda" else "cpu"
-    plan = methods.plan_method(spec, precision)
+    plan = pet.plan_pet(spec, precision)
     model_dir = model_loading.resolve_model_dir(
         spec.model.uri, s3=spec.storage.s3, revision=spec.model.revision
     )

@@ -126,6 +126,8 @@ def training_arguments(
     """transformers `TrainingArguments` for `spec.training` (+ checkpoint cadence and parallelism)."""
     from transformers import TrainingArguments
 
+    from kubetune_trainer.tracking import report_to
+
     t = spec.training
     steps = max_steps or t.max_steps
     kwargs: dict[str, Any] = dict(
@@ -161,7 +163,7 @@ def training_arguments(
         label_names=["labels"],  # peft models hide `labels` from the Trainer's signature check
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
-        report_to=[],
+        report_to=report_to(spec),  # spec.tracking: transformers' own callbacks (tracking.py)
         disable_tqdm=True,  # reporting.ReportingCallback draws the bar
         log_level="warning",
         log_level_replica="error",
@@ -191,7 +193,7 @@ def run_training(
     quiet_known_noise()
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
-    from kubetune_trainer import model_loading, pet
+    from kubetune_trainer import model_loading, pet, tracking
     from kubetune_trainer.datasets_build import build_datasets
     from kubetune_trainer.reporting import ReportingCallback
 
@@ -208,6 +210,7 @@ def run_training(
     _use_own_gpu(dist)
     precision = model_loading.resolve_precision(spec.training.precision)
     plan = pet.plan_pet(spec, precision)
+    tracking.check_installed(spec)
     model_dir = model_loading.resolve_model_dir(
         spec.model.uri, s3=spec.storage.s3, revision=spec.model.revision
     )
@@ -236,9 +239,11 @@ def run_training(
         )  # fmt: skip
         log.info("data: %s", data.stats.summary())
 
+    tracked = tracking.start(job, out_dir, workdir=workdir, resume_from=resume_from, is_main=dist.is_main)
     args = training_arguments(
-        spec, ckpt_dir, precision=precision, has_eval=data.eval_dataset is not None, max_steps=max_steps
-    )
+        spec, ckpt_dir, precision=precision, has_eval=data.eval_dataset is not None, max_steps=max_steps,
+        run_name=job.metadata.name,
+    )  # fmt: skip
     reporter = ReportingCallback(out_dir, title=job.metadata.name)
     if spec.method == "dpo":
         from kubetune_trainer.dpo import build_dpo_trainer
@@ -260,6 +265,7 @@ def run_training(
             processing_class=tokenizer,
             callbacks=[reporter, *callbacks],
         )
+    tracked.attach(trainer)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     if trainer.is_fsdp_enabled and dist.is_main:
