@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from kubetune.locations import COMPLETE_MARKER, cache_path
 from kubetune_trainer.errors import JobError
 from kubetune_trainer.model_loading import (
-    COMPLETE_MARKER,
     check_safetensors,
     load_model,
     load_tokenizer,
@@ -56,7 +56,7 @@ def test_s3_model_downloads_once_verified_and_loads(tiny_model_dirs: Any, s3: An
     s3.store("models/tiny").upload_dir(tiny_model_dirs["qwen2"], "")
     uri = s3.uri("models/tiny")
     local = resolve_model_dir(uri, s3=s3.settings)
-    assert local.is_relative_to(cache / "models")
+    assert local == cache_path(uri) and local.is_relative_to(cache)
     manifest = json.loads((local / COMPLETE_MARKER).read_text())
     assert manifest["uri"] == uri and manifest["files"]["model.safetensors"] > 0
     spec = FineTuneJobSpec.model_validate(
@@ -71,7 +71,7 @@ def test_s3_model_downloads_once_verified_and_loads(tiny_model_dirs: Any, s3: An
 
 
 def test_s3_prefix_without_a_model_is_a_clear_error(s3: Any, cache: Path) -> None:
-    with pytest.raises(JobError, match=r"^spec.model.uri: s3://.*/nothing: no objects under this prefix$"):
+    with pytest.raises(JobError, match=r"^spec.model.uri: s3://.*/nothing: no such object or prefix$"):
         resolve_model_dir(s3.uri("nothing"), s3=s3.settings)
 
 

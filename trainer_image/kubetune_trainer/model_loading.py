@@ -1,14 +1,13 @@
 """Find the base model a FineTuneJob names and load it (and its tokenizer) with transformers.
 
 `spec.model.uri` may be
-- a plain path or ``file:///path``: used in place;
-- ``pvc://claim/path``: the claim is mounted at :func:`kubetune.uris.pvc_mount_path` in the pods
-  (``$KUBETUNE_PVC_ROOT`` stands in for the mount root elsewhere, as in the object store);
-- ``s3://bucket/prefix``: downloaded once into ``$KUBETUNE_CACHE_DIR/models/<hash of the URI>``
-  (default ``~/.cache/kubetune``), then verified (every object's size, every safetensors file
-  complete, every shard of an index present) before a ``.kubetune-complete`` marker is written; the
-  download goes to a temporary directory renamed into place, under a file lock, so ranks sharing a
-  node download it once and a killed download is never mistaken for a model;
+- a plain path, ``file:///path`` or ``pvc://claim/path``: used in place
+  (:func:`kubetune.locations.local_path`: ``$KUBETUNE_PVC_ROOT`` stands in for the claims' mount
+  root outside the cluster, as for datasets);
+- ``s3://bucket/prefix``: fetched once into :func:`kubetune.locations.cache_path` (under
+  ``$KUBETUNE_CACHE_DIR``, default ``~/.cache/kubetune``) by
+  :func:`kubetune_trainer.locations.fetch`, which also verifies every safetensors file complete and
+  every shard of an index present before the copy counts;
 - ``hf://org/name``: fetched with ``huggingface_hub`` where the hub is reachable; otherwise the job
   stops with a one-line message saying to copy the model to s3:// or a PVC.
 
@@ -18,21 +17,14 @@ Weights are read from safetensors only (no pickle). The dtype follows ``training
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import logging
-import os
-import re
-import shutil
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.conventions import ENV_CACHE_DIR
+from kubetune.locations import CACHE_HF_DIR, cache_root
 from kubetune.uris import parse_uri
 from kubetune_trainer.errors import JobError
 
@@ -43,14 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kubetune.model")
 
-COMPLETE_MARKER = ".kubetune-complete"
 # What a model directory needs; everything else in an hf:// repo (e.g. .bin, .gguf) is skipped.
 _HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
-
-
-def cache_root() -> Path:
-    """Local scratch for downloads: $KUBETUNE_CACHE_DIR, else ~/.cache/kubetune."""
-    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "kubetune")
 
 
 # ---------------------------------------------------------------- precision and device
@@ -121,24 +107,22 @@ def resolve_model_dir(
     field: str = "spec.model.uri",
     require_config: bool = True,
 ) -> Path:
-    """A local directory in Hugging Face layout for `uri` (downloading s3:// and hf:// models)."""
+    """A local directory in Hugging Face layout for `uri`: a local or pvc:// directory in place, an
+    s3:// prefix fetched into the cache (every safetensors file checked complete, every shard an
+    index names present), an hf:// repo through huggingface_hub."""
     try:
         u = parse_uri(uri)
     except ValueError as e:
         raise JobError(f"{field}: {e}") from None
-    if u.scheme == "s3":
-        path = _download_s3(uri, s3, field)
-    elif u.scheme == "hf":
+    if u.scheme == "hf":
         path = _download_hf(u.path, revision, field)
     else:
-        from kubetune_trainer.store import local_path_for
+        from kubetune_trainer.locations import to_local
 
-        path = local_path_for(uri)
-        assert path is not None
-        path = path.expanduser()
-        if not path.exists():
-            hint = " (is the claim mounted in this pod?)" if u.scheme == "pvc" else ""
-            raise JobError(f"{field}: {uri}: no such directory{hint}")
+        try:
+            path = to_local(uri, s3, field=field, verify=_model_problems)
+        except JobError as e:  # a model is a directory: say so
+            raise JobError(str(e).replace("no such file or directory", "no such directory")) from None
     if not path.is_dir():
         raise JobError(f"{field}: {uri}: not a directory")
     if require_config and not (path / "config.json").is_file():
@@ -146,72 +130,21 @@ def resolve_model_dir(
     return path
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def _model_problems(root: Path) -> list[str]:
+    """What is wrong with a fetched model beyond object sizes: a safetensors file that does not hold
+    all its tensors, a shard its index names that is not there."""
+    problems = []
+    for f in sorted(root.rglob("*.safetensors")):
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _cache_dir_for(uri: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1])[:40] or "model"
-    return cache_root() / "models" / f"{slug}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
-
-
-def _download_s3(uri: str, s3: S3Storage | None, field: str) -> Path:
-    from kubetune_trainer.store import StoreError, open_store
-
-    dest = _cache_dir_for(uri)
-    if (dest / COMPLETE_MARKER).is_file():
-        return dest
-    with _file_lock(dest.with_name(dest.name + ".lock")):
-        if (dest / COMPLETE_MARKER).is_file():  # another rank finished while we waited
-            return dest
-        try:
-            store = open_store(uri, s3)
-            keys = [k for k in store.list("") if not k.endswith("/")]
-            if not keys:
-                raise JobError(f"{field}: {uri}: no objects under this prefix")
-            sizes = {k: store.size(k) for k in keys}
-            tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            # fail before the first byte, not with a truncated shard half-way
-            from kubetune_trainer.diskspace import ensure_free_space
-
-            ensure_free_space(dest.parent, sum(sizes.values()), f"{field}: downloading {uri}")
-            log.info(
-                "downloading %s (%d files, %.1f MB) to %s", uri, len(keys), sum(sizes.values()) / 1e6, dest
-            )
-            store.download_dir("", tmp)
-        except StoreError as e:
-            raise JobError(f"{field}: {uri}: {e}") from None
-        _verify_download(tmp, sizes, uri, field)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"uri": uri, "files": sizes}, indent=1) + "\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    return dest
-
-
-def _verify_download(root: Path, sizes: dict[str, int], uri: str, field: str) -> None:
-    """Every object arrived whole: sizes match, safetensors files hold all their tensors, shards exist."""
-    for key, size in sizes.items():
-        local = root / key
-        if not local.is_file() or local.stat().st_size != size:
-            got = local.stat().st_size if local.is_file() else "nothing"
-            raise JobError(f"{field}: {uri}: download of {key} is incomplete ({got} of {size} bytes)")
-        if key.endswith(".safetensors"):
-            check_safetensors(local)
+            check_safetensors(f)
+        except JobError as e:
+            problems.append(str(e))
     for index in root.glob("*.safetensors.index.json"):
         shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
         missing = sorted(s for s in shards if not (root / s).is_file())
         if missing:
-            raise JobError(
-                f"{field}: {uri}: {index.name} names shards that are missing: {', '.join(missing)}"
-            )
+            problems.append(f"{index.name} names shards that are missing: {', '.join(missing)}")
+    return problems
 
 
 def check_safetensors(path: Path) -> None:
@@ -237,7 +170,7 @@ def _download_hf(repo_id: str, revision: str | None, field: str) -> Path:
         raise JobError(f"{field}: hf://{repo_id} needs huggingface_hub") from None
     try:
         path = snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_root() / "hf", allow_patterns=_HF_PATTERNS
+            repo_id, revision=revision, cache_dir=cache_root() / CACHE_HF_DIR, allow_patterns=_HF_PATTERNS
         )
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
