@@ -172,15 +172,25 @@ class Session:
         step, and add the callback that records the run ids (rank 0)."""
         if not self.report_to:
             return
+        from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
+
+        integrations = [
+            cb
+            for cb in trainer.callback_handler.callbacks
+            if isinstance(cb, (TensorBoardCallback, MLflowCallback, WandbCallback))
+        ]
         if "tensorboard" in self.report_to and self.is_main:
             from torch.utils.tensorboard import SummaryWriter
-            from transformers.integrations import TensorBoardCallback
 
             logdir = Path(os.environ["TENSORBOARD_LOGGING_DIR"])
-            earlier = logdir.is_dir() and any(logdir.glob("events.out.tfevents.*"))
-            for cb in trainer.callback_handler.callbacks:
-                if isinstance(cb, TensorBoardCallback) and earlier:
-                    cb.tb_writer = SummaryWriter(log_dir=str(logdir), purge_step=self.start_step + 1)
+            if logdir.is_dir() and any(logdir.glob("events.out.tfevents.*")):
+                for cb in integrations:
+                    if isinstance(cb, TensorBoardCallback):
+                        cb.tb_writer = SummaryWriter(log_dir=str(logdir), purge_step=self.start_step + 1)
+        for cb in integrations:
+            # after kubetune's ReportingCallback, so tokens_per_second and eta_seconds reach the trackers
+            trainer.remove_callback(cb)
+            trainer.add_callback(cb)
         trainer.add_callback(TrackingCallback(self))
 
     def record(self, ids: dict[str, Any]) -> None:
