@@ -29,7 +29,11 @@ BASE: dict[str, Any] = {
 }
 TRACKED = {
     "tensorboard": True,
-    "mlflow": {"tracking_uri": "https://mlflow.example.com", "experiment": "qwen", "credentials_secret": "mlflow"},
+    "mlflow": {
+        "tracking_uri": "https://mlflow.example.com",
+        "experiment": "qwen",
+        "credentials_secret": "mlflow",
+    },
     "wandb": {"project": "qwen", "api_key_secret": "wandb", "mode": "offline"},
 }
 
@@ -108,7 +112,11 @@ def test_pods_get_tracker_credentials_as_secret_references_only() -> None:
 
 
 def test_pods_without_tracker_secrets_get_no_tracker_env() -> None:
-    tracked = {"tensorboard": True, "mlflow": {"tracking_uri": "http://mlflow:5000"}, "wandb": {"project": "p"}}
+    tracked = {
+        "tensorboard": True,
+        "mlflow": {"tracking_uri": "http://mlflow:5000"},
+        "wandb": {"project": "p"},
+    }
     for doc in (BASE, job_with(tracked)):
         pod = next(o for o in render_job(FineTuneJob.model_validate(doc)) if o["kind"] == "Pod")
         assert not [k for k in _env(pod) if k.startswith(("MLFLOW_", "WANDB_"))]
@@ -123,7 +131,10 @@ def test_a_restarted_attempt_continues_the_recorded_runs(tmp_path: Path) -> None
     job = FineTuneJob.model_validate(job_with(TRACKED, output={"uri": str(out)}))
     store = open_store(str(out))
     first = tracking_env(job, out, tmp_path / "work", read_run_ids(store, job.spec.training_hash()))
-    assert first["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com" and first["MLFLOW_EXPERIMENT_NAME"] == "qwen"
+    assert (
+        first["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"
+        and first["MLFLOW_EXPERIMENT_NAME"] == "qwen"
+    )
     assert first["MLFLOW_RUN_ID"] == "" and first["MLFLOW_MAX_LOG_PARAMS"] == ""  # a new run, params logged
     assert json.loads(first["MLFLOW_TAGS"]) == {"kubetune.job": "job", "kubetune.namespace": "team-a"}
     assert first["WANDB_RUN_ID"] and first["WANDB_RESUME"] == "allow" and first["WANDB_MODE"] == "offline"
@@ -197,7 +208,8 @@ def test_resumed_run_is_one_tensorboard_curve_and_one_wandb_run(
     base = train_job(out, training={"max_steps": 10}, merge_adapter=False)
     doc = base.model_dump(mode="json", exclude_none=True)
     doc["spec"].update(
-        checkpoint={"every_steps": 4}, tracking={"tensorboard": True, "wandb": {"project": "t", "mode": "offline"}}
+        checkpoint={"every_steps": 4},
+        tracking={"tensorboard": True, "wandb": {"project": "t", "mode": "offline"}},
     )
     job = FineTuneJob.model_validate(doc)
     first = run_training(job, workdir=work, callbacks=[StopWithoutSaving(7)])
