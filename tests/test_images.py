@@ -178,7 +178,7 @@ def test_operator_module_imports_without_torch():
 def test_trainer_image_keeps_the_base_images_torch():
     (run,) = [r for r in args_of(TRAINER, "RUN") if "pip install" in r]
     assert "torch.__version__" in run and "--constraint" in run
-    assert '".[trainer]"' in run
+    assert '".[trainer,tracking]"' in run  # spec.tracking works with the shipped image
 
 
 def test_trainer_image_user_and_caches_match_the_rendered_pods():
