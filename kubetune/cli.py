@@ -121,6 +121,24 @@ def _status(args: argparse.Namespace) -> int:
     return print_status(load_job(args.file))
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    job = load_job(args.file, args.set)
+    if args.profile:
+        job = apply_profile(job, load_profile(args.profile), args.file)
+    try:
+        from kubetune_trainer.plan import plan_job
+    except ImportError as e:
+        print(f"kubetune plan needs kubetune[trainer] installed: {e}", file=sys.stderr)
+        return 1
+    from kubetune.plan import render
+
+    plan = plan_job(job, gpu_memory=args.gpu_memory, tflops=args.tflops)
+    print(json.dumps(plan, indent=1) if args.json else render(plan))
+    return 1 if plan["fits"] is False else 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     try:
         from kubetune_trainer.evaluation import run_eval
@@ -208,6 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
     # no -n: that is the namespace, as in kubectl and `kubetune render`
     p.add_argument("-s", "--samples", type=int, default=3, help="how many samples to show (default 3)")
     p.set_defaults(func=_inspect_data)
+
+    p = sub.add_parser(
+        "plan",
+        help="estimate a job's memory per GPU (weights, adapter, gradients, optimizer, activations) and "
+        "say whether it fits; exit 1 if it does not",
+    )
+    p.add_argument("file", metavar="FILE", help=JOB_FILE_HELP)
+    p.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="memory per GPU, e.g. 80GiB (default: from resources.node_selector's GPU labels; "
+        "a CPU job: resources.memory per process)",
+    )
+    p.add_argument(
+        "--tflops", type=float, metavar="T", help="achieved TFLOP/s per GPU: also estimate the step time"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help=SET_HELP)
+    p.add_argument("--profile", metavar="PROFILE", help=PROFILE_HELP)
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("status", help="print a job's progress.json from its output store")
     p.add_argument("file", metavar="FILE", help=JOB_FILE_HELP)
