@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kubetune import methods as _methods
 from kubetune.evaluation import METRICS, Metric, MetricScore
 from kubetune.uris import CRD_PATTERN, DOT_DOT_CEL, DOT_DOT_MESSAGE, parse_uri
 
@@ -81,7 +82,8 @@ class ModelSource(_Model):
 
 # ---------------------------------------------------------------- dataset
 
-DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
+# The values come from the one table of methods and formats (kubetune/methods.py).
+DatasetFormat = Literal[_methods.FORMAT_NAMES]  # type: ignore[valid-type]
 
 
 class ColumnMapping(_Model):
@@ -119,8 +121,7 @@ class DataSource(_Model):
     )
     format: DatasetFormat = Field(
         "auto",
-        description="Row format. auto: text for pretrain, preference for dpo, and for sft alpaca, sharegpt or "
-        "messages as detected from the columns.",
+        description=f"Row format. {_methods.auto_format_description()}",
     )
     columns: ColumnMapping | None = Field(
         None, description="Column names when they differ from the format's defaults."
@@ -616,7 +617,7 @@ class RestartPolicy(_Model):
     )
 
 
-Method = Literal["sft", "dpo", "pretrain"]
+Method = Literal[_methods.METHOD_NAMES]  # type: ignore[valid-type]
 
 # Names kubetune itself gives the trainer pod: a profile or job `pod` block cannot take them.
 RESERVED_ENV_PREFIX = "KUBETUNE_"
@@ -703,7 +704,7 @@ class FineTuneJobSpec(_Model):
     dataset: Dataset = Field(description="The training data.")
     method: Method = Field(
         "sft",
-        description="sft: supervised fine-tuning; dpo: preference optimisation; pretrain: continued pre-training.",
+        description=_methods.method_description(),
     )
     pet_config: PetConfig = Field(
         default_factory=PetConfig, description="Which weights train: full, freeze, LoRA or QLoRA."
@@ -765,13 +766,9 @@ class FineTuneJobSpec(_Model):
         return self.checkpoint.uri or f"{self.output.uri.rstrip('/')}/checkpoints"
 
     def dataset_format(self) -> str:
-        """The dataset format with `auto` resolved by method where the method decides it."""
-        fmt = self.dataset.format
-        if fmt == "auto" and self.method == "pretrain":
-            return "text"
-        if fmt == "auto" and self.method == "dpo":
-            return "preference"
-        return fmt
+        """The format dataset.uri is read as (kubetune.methods.main_format: `auto` resolved where the method
+        decides it; `auto` where the first row decides)."""
+        return _methods.main_format(self.method, self.dataset.format)
 
     def training_fields(self) -> dict[str, Any]:
         """The fields that change what a checkpoint means (model, data, method, weights trained) and
@@ -839,8 +836,10 @@ class Rule:
         self.check = check
 
 
-_PREF_FORMATS = ("auto", "preference")
-_CHAT_FORMATS = ("alpaca", "sharegpt", "messages")
+# spec.method x spec.dataset.format, generated from the table of methods (kubetune/methods.py)
+_FORMAT_RULES = [Rule("spec", r.path, r.cel, r.message, r.check) for r in _methods.format_rules()]
+# methods whose data has no replies to compare an evaluation's generations with
+_NO_REPLIES = tuple(m.name for m in _methods.METHODS.values() if not m.replies)
 
 CROSS_FIELD_RULES: list[Rule] = [
     Rule(
@@ -861,33 +860,7 @@ CROSS_FIELD_RULES: list[Rule] = [
         "quantization is only used with pet_type qlora",
         lambda s: s.pet_config.quantization is None or s.pet_config.pet_type == "qlora",
     ),
-    Rule(
-        "spec", "spec.dataset.format",
-        "self.method != 'dpo' || !has(self.dataset.format) || self.dataset.format in ['auto', 'preference']",
-        "method dpo needs a preference dataset (prompt/chosen/rejected); set dataset.format to preference",
-        lambda s: s.method != "dpo" or s.dataset.format in _PREF_FORMATS,
-    ),
-    Rule(
-        "spec", "spec.dataset.format",
-        "self.method == 'dpo' || !has(self.dataset.format) || self.dataset.format != 'preference'",
-        "a preference dataset needs method dpo",
-        lambda s: s.method == "dpo" or s.dataset.format != "preference",
-    ),
-    Rule(
-        "spec", "spec.dataset.columns.text",
-        "self.method != 'pretrain' || !has(self.dataset.format) || !(self.dataset.format in ['alpaca', 'sharegpt', "
-        "'messages', 'preference']) || (has(self.dataset.columns) && has(self.dataset.columns.text))",
-        "method pretrain reads plain text; use format text or map a text column (dataset.columns.text)",
-        lambda s: s.method != "pretrain"
-        or s.dataset.format not in (*_CHAT_FORMATS, "preference")
-        or (s.dataset.columns is not None and s.dataset.columns.text is not None),
-    ),
-    Rule(
-        "spec", "spec.dataset.format",
-        "self.method != 'sft' || !has(self.dataset.format) || self.dataset.format != 'text'",
-        "method sft needs conversations (alpaca, sharegpt or messages); use method pretrain for plain text",
-        lambda s: s.method != "sft" or s.dataset.format != "text",
-    ),
+    *_FORMAT_RULES,
     Rule(
         "spec", "spec.model.adapter_uri",
         "!has(self.model.adapter_uri) || !has(self.pet_config) || !has(self.pet_config.pet_type) "
@@ -904,10 +877,8 @@ CROSS_FIELD_RULES: list[Rule] = [
         lambda s: s.parallel_config.strategy != "fsdp" or s.pet_config.pet_type != "qlora",
     ),
     Rule(
-        "spec", "spec.dataset.streaming",
-        "!self.dataset.streaming || self.method == 'pretrain'",
-        "dataset.streaming is supported for method pretrain only",
-        lambda s: not s.dataset.streaming or s.method == "pretrain",
+        "spec", *_methods.streaming_rule(),
+        lambda s: not s.dataset.streaming or _methods.method(s.method).streaming,
     ),
     Rule(
         "spec", "spec.training.max_steps",
@@ -930,10 +901,11 @@ CROSS_FIELD_RULES: list[Rule] = [
     ),
     Rule(
         "spec", "spec.evaluation.metrics",
-        "!has(self.evaluation) || self.method != 'pretrain' "
+        f"!has(self.evaluation) || !(self.method in {_methods.cel_list(_NO_REPLIES)}) "
         "|| (has(self.evaluation.metrics) && self.evaluation.metrics.all(m, m == 'perplexity'))",
-        "method pretrain has no replies to compare generations with: evaluate it with metrics [perplexity]",
-        lambda s: s.evaluation is None or s.method != "pretrain" or s.evaluation.metrics == ["perplexity"],
+        f"method {_methods.join_or(_NO_REPLIES)} has no replies to compare generations with: evaluate it with "
+        "metrics [perplexity]",
+        lambda s: s.evaluation is None or s.method not in _NO_REPLIES or s.evaluation.metrics == ["perplexity"],
     ),
     Rule(
         "spec.restart_policy", "spec.restart_policy.max_backoff_seconds",

@@ -21,8 +21,8 @@ Formats (``spec.dataset.format``; column names can be remapped with ``spec.datas
     ``messages`` / alpaca ``instruction`` prompt with ``chosen`` and ``rejected`` final turns, as in
     LLaMA-Factory's ``dpo_en_demo.json``.
 ``auto``
-    Detected from the first row's columns (pretrain: text; dpo: preference; sft: alpaca, sharegpt or
-    messages).
+    What the method's row of ``kubetune.methods.METHODS`` says: a fixed format (pretrain: text; dpo:
+    preference) or detected from the first row's columns (sft: sharegpt, messages or alpaca).
 
 A row's own system prompt wins over ``spec.dataset.system_prompt``. Conversations must hold at
 least one assistant reply; turns after the last assistant reply teach nothing and are dropped.
@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune import methods as table
 from kubetune_trainer.data_sources import BadRowError, DataError, Row, type_name
 
 SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
@@ -56,7 +57,7 @@ ROLE_ALIASES = {
     "ipython": TOOL,
 }
 
-FORMATS = ("alpaca", "sharegpt", "messages", "text", "preference")
+FORMATS = tuple(table.FORMATS)  # the core's table (kubetune.methods) names them; PARSERS parses each
 
 
 @dataclass(frozen=True)
@@ -359,34 +360,34 @@ PARSERS: dict[str, Callable[[Row, Columns], Example]] = {
 
 
 def detect_format(row: Row, cols: Columns, method: str = "sft") -> str:
-    """The format of a source, from its first row's columns."""
+    """The format of a source, from its first row's columns, in the order the method's row of
+    ``kubetune.methods.METHODS`` says (``detect``); a method that reads one format takes it unseen
+    (its parser names a missing column). A row of a format the method does not read is refused,
+    naming the methods that train on it."""
+    m = table.method(method)
+    if len(m.reads) == 1:
+        return m.reads[0]
     keys = set(row.data)
-    if method == "dpo":
-        return "preference"
-    if method == "pretrain" and cols.text in keys:
-        return "text"
-    if cols.chosen in keys and cols.rejected in keys:
-        if method == "sft":
-            raise DataError(
-                f"{row.file}: rows have '{cols.chosen}' and '{cols.rejected}' columns (preference data); "
-                "preference data trains with method dpo"
-            )
-    if cols.conversations in keys:
-        return "sharegpt"
-    if cols.messages in keys:
-        return "messages"
-    if cols.instruction in keys and cols.output in keys:
-        return "alpaca"
-    if cols.text in keys:
-        if method == "sft":
-            raise DataError(
-                f"{row.file}: rows have a '{cols.text}' column but no conversation; plain text trains with "
-                "method pretrain (or set dataset.format and dataset.columns)"
-            )
-        return "text"
+    for name in m.detect:
+        columns = [getattr(cols, c) for c in table.FORMATS[name].columns]
+        if not all(c in keys for c in columns):
+            continue
+        if name in m.reads:
+            return name
+        fmt = table.FORMATS[name]
+        have = (
+            f"a '{columns[0]}' column"
+            if len(columns) == 1
+            else " and ".join(f"'{c}'" for c in columns) + " columns"
+        )
+        readers = table.methods_reading(name)
+        raise DataError(
+            f"{row.file}: rows have {have} ({fmt.label}), which method {method} does not read; {fmt.label} "
+            f"trains with method {table.join_or(readers)} (or set dataset.format and dataset.columns)"
+        )
     raise DataError(
         f"{row.file}: cannot tell the format from the columns ({', '.join(sorted(map(str, keys))[:12])}); "
-        "set dataset.format (alpaca, sharegpt, messages, text, preference) and dataset.columns"
+        f"set dataset.format ({', '.join(FORMATS)}) and dataset.columns"
     )
 
 
@@ -428,7 +429,7 @@ def check_dataset(spec: Any, limit: int = 200) -> list[str]:
 
     problems: list[str] = []
     ds = spec.dataset
-    sources = [(ds, spec.dataset_format() if spec.method != "pretrain" else "text")]
+    sources = [(ds, spec.dataset_format())]
     sources += [(m, m.format) for m in ds.mix]
     for src, fmt in sources:
         try:
