@@ -39,8 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.conventions import ADAPTER_DIR, EVAL_PREDICTIONS_FILE, EVAL_RESULTS_FILE, FINAL_DIR, MERGED_DIR
 from kubetune.evaluation import LOWER_IS_BETTER, EvaluationResults, judge
+from kubetune.locations import (
+    ADAPTER_DIR,
+    EVAL_PREDICTIONS_FILE,
+    EVAL_RESULTS_FILE,
+    FINAL_DIR,
+    MERGED_DIR,
+    cache_root,
+    local_path,
+    output_uri,
+)
 from kubetune_trainer.errors import JobError
 
 if TYPE_CHECKING:
@@ -397,15 +406,15 @@ def evaluate_after_training(job: FineTuneJob, result: TrainResult) -> Evaluation
         write(result.output_dir, results)
     publish(job, result.output_dir)
     verdict = "passed" if results.passed else f"failed: {'; '.join(results.failed) or results.error}"
-    log.info("evaluation %s (%s)", verdict, job.spec.output.uri.rstrip("/") + "/" + EVAL_RESULTS_FILE)
+    log.info("evaluation %s (%s)", verdict, output_uri(job.spec.output.uri, EVAL_RESULTS_FILE))
     return results
 
 
 def publish(job: FineTuneJob, local_output: Path) -> None:
     """Upload eval/ to an output that is not this directory itself (s3://)."""
-    from kubetune_trainer.store import local_path_for, open_store, with_retries
+    from kubetune_trainer.store import open_store, with_retries
 
-    if local_path_for(job.spec.output.uri) is not None:
+    if local_path(job.spec.output.uri) is not None:
         return
     store = open_store(job.spec.output.uri, job.spec.storage.s3)
     for key in (EVAL_RESULTS_FILE, EVAL_PREDICTIONS_FILE):
@@ -418,12 +427,11 @@ def publish(job: FineTuneJob, local_output: Path) -> None:
 
 def fetch_output(job: FineTuneJob) -> Path:
     """A local directory with the job's final/ (the output itself, or a download of an s3:// one)."""
-    from kubetune_trainer.model_loading import cache_root
-    from kubetune_trainer.store import local_path_for, open_store
+    from kubetune_trainer.store import open_store
 
-    local = local_path_for(job.spec.output.uri)
+    local = local_path(job.spec.output.uri)
     if local is not None:
-        return local.expanduser()
+        return local
     store = open_store(job.spec.output.uri, job.spec.storage.s3)
     if not store.list(f"{FINAL_DIR}/"):
         raise JobError(
@@ -465,7 +473,7 @@ def run_eval(job: FineTuneJob) -> int:
     results = evaluate(job, output)
     publish(job, output)
     print(table(results))
-    where = job.spec.output.uri.rstrip("/") + "/" + EVAL_RESULTS_FILE
+    where = output_uri(job.spec.output.uri, EVAL_RESULTS_FILE)
     print(f"{results.num_samples} samples from {results.dataset}; written to {where}")
     if results.failed:
         print(f"kubetune: evaluation failed: {'; '.join(results.failed)}", file=sys.stderr)
