@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetune.locations import COMPLETE_MARKER
 from kubetune_trainer import checkpoints as ck
 from kubetune_trainer.progress import (
     ProgressWriter,
@@ -27,6 +28,18 @@ from kubetune_trainer.uploader import CheckpointUploader
 from tests.fixtures_s3 import eventually
 
 HASH = "aaaabbbbccccdddd"
+
+
+def resume_choice(store, local_root: Path):
+    """What a single-process resume ends up with (Resilience does this across the gang): the newest
+    candidate that downloads and verifies, a rejected one de-committed; None when there is none."""
+    for c in ck.candidates(store, spec_hash=HASH):
+        try:
+            return c, ck.download(store, c, local_root)
+        except ck.CorruptCheckpoint as e:
+            logging.getLogger("kubetune.checkpoints").warning("%s; falling back to the previous one", e)
+            ck.decommit(store, c, str(e))
+    return None
 
 
 def fake_checkpoint(root: Path, step: int, world_size: int = 2, big: int = 50_000) -> Path:
@@ -78,9 +91,9 @@ def test_commit_layout_and_manifest(ckstore, s3, tmp_path):
     assert (got / "adapter_model.safetensors").read_bytes() == (d / "adapter_model.safetensors").read_bytes()
     assert ck.verify_local(got, c.manifest) == []
     # a second download reuses the verified copy
-    t = (got / ".kubetune-verified").stat().st_mtime_ns
+    t = (got / COMPLETE_MARKER).stat().st_mtime_ns
     assert ck.download(ckstore, c, tmp_path / "resume") == got
-    assert (got / ".kubetune-verified").stat().st_mtime_ns == t
+    assert (got / COMPLETE_MARKER).stat().st_mtime_ns == t
 
 
 def test_uncommitted_is_never_used(ckstore, tmp_path):
@@ -90,7 +103,7 @@ def test_uncommitted_is_never_used(ckstore, tmp_path):
     ckstore.upload_dir(partial, "step-00000020")
     committed, other = ck.scan(ckstore)
     assert [c.step for c in committed] == [10] and other == ["step-00000020"]
-    got = ck.resolve(ckstore, tmp_path / "r", spec_hash=HASH)
+    got = resume_choice(ckstore, tmp_path / "r")
     assert got is not None and got[0].step == 10
 
 
@@ -101,7 +114,7 @@ def test_corrupt_newest_falls_back_to_previous(ckstore, tmp_path, caplog):
     data[100] ^= 0xFF
     ckstore.put_bytes("step-00000020/optimizer.pt", bytes(data))
     with caplog.at_level(logging.WARNING, logger="kubetune.checkpoints"):
-        ckpt, path = ck.resolve(ckstore, tmp_path / "r", spec_hash=HASH)
+        ckpt, path = resume_choice(ckstore, tmp_path / "r")
     assert ckpt.step == 10 and path.name == "step-00000010"
     assert "fails its sha256 check" in caplog.text and "falling back" in caplog.text
     assert not (tmp_path / "r" / "step-00000020").exists()
@@ -115,7 +128,7 @@ def test_a_checkpoint_rejected_on_resume_is_decommitted_and_its_step_commits_aga
     data[7] ^= 0xFF
     ckstore.put_bytes("step-00000030/optimizer.pt", bytes(data))
     with caplog.at_level(logging.WARNING, logger="kubetune.checkpoints"):
-        ckpt, _ = ck.resolve(ckstore, tmp_path / "r", spec_hash=HASH)
+        ckpt, _ = resume_choice(ckstore, tmp_path / "r")
     assert ckpt.step == 20
     assert "de-committing" in caplog.text and "optimizer.pt fails its sha256 check" in caplog.text
     assert [c.step for c in ck.list_committed(ckstore)] == [10, 20]
@@ -440,13 +453,13 @@ def test_progress_writer_and_status(s3, tmp_path, capsys):
         w.update(step=120, total_steps=300, epoch=1.2, loss=2.3456, tokens_per_second=5120.0, eta_seconds=310)
         w.set_state("running", wait=10)
         p = read_progress(out)
-        assert p["step"] == 120 and p["percent"] == 40 and p["state"] == "running" and p["attempt"] == 2
+        assert p.step == 120 and p.percent == 40 and p.state == "running" and p.attempt == 2
         for i in range(50):  # many updates coalesce into few writes
             w.update(step=121 + i)
         w.update(last_checkpoint={"uri": s3.uri("jobs/demo/checkpoints/step-00000150"), "step": 150})
         w.set_state("done", wait=10)
         p = read_progress(out)
-        assert p["step"] == 170 and p["state"] == "done" and p["last_checkpoint"]["step"] == 150
+        assert p.step == 170 and p.state == "done" and p.last_checkpoint.step == 150
         # the store going away never raises into training
         s3.pause()
         w.update(step=171)
@@ -513,7 +526,7 @@ def test_progress_says_since_when_the_store_is_unreachable(s3, tmp_path, capsys,
         s3.resume()
         w.close()
     assert w.outage() is None and json.loads(local.read_text())["store_unreachable"] is None
-    assert read_progress(s3.store("jobs/down"))["store_unreachable"] is None
+    assert read_progress(s3.store("jobs/down")).store_unreachable is None
     assert print_status(job) == 0 and "unreachable" not in capsys.readouterr().out
 
 
@@ -539,3 +552,35 @@ def test_progress_writer_coalesces(tmp_path):
     w.close()
     assert 2 <= st.n <= 6
     assert threading.active_count() < 50
+
+
+# a progress.json as the trainer wrote it before the document had a type (kept: old files must parse)
+OLD_PROGRESS = {
+    "job": "demo", "attempt": 2, "state": "running", "reason": None, "step": 120, "total_steps": 300,
+    "percent": 40, "epoch": 1.2, "loss": 2.31, "tokens_per_second": 5120.0, "eta_seconds": 310.0,
+    "rewards": {"chosen": 0.4, "rejected": -0.9, "margins": 1.3, "accuracies": 0.95},
+    "last_checkpoint": {"uri": "s3://b/jobs/demo/checkpoints/step-00000100", "step": 100},
+    "checkpoint_error": None, "resumed_from": None, "store_unreachable": None, "world_size": 4,
+    "started_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:05:00Z",
+}  # fmt: skip
+
+
+def test_progress_json_keeps_its_format_and_older_files_parse(tmp_path):
+    from kubetune.progress import TrainerProgress
+
+    p = TrainerProgress.from_json(json.dumps(OLD_PROGRESS))
+    assert p.last_checkpoint.step == 100 and p.rewards["margins"] == 1.3 and p.state == "running"
+    assert json.loads(p.to_json()) == OLD_PROGRESS
+    # an older trainer's file without the later keys, and a newer one's with keys this one lacks
+    bare = TrainerProgress.from_json('{"job": "x", "state": "done", "step": 3, "future_key": [1]}')
+    assert bare.step == 3 and bare.last_checkpoint is None and bare.store_unreachable is None
+    assert bare.model_extra == {"future_key": [1]}
+    with pytest.raises(ValueError):
+        TrainerProgress.from_json('{"state": "exploded"}')
+
+    w = ProgressWriter(open_store(str(tmp_path / "out")), job="demo", interval=0.1)
+    w.update(step=1, total_steps=4)
+    w.close()
+    written = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert set(written) == set(OLD_PROGRESS) - {"rewards"}  # rewards: preference methods only
+    assert written["percent"] == 25 and written["state"] == "starting"

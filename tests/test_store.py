@@ -17,6 +17,7 @@ from kubetune_trainer.store import (
     TransientStoreError,
     open_store,
     with_retries,
+    worst_case_wait,
 )
 
 
@@ -117,7 +118,7 @@ def test_wrong_secret_is_a_clear_error_without_the_secret(s3, monkeypatch):
 
 def test_missing_bucket_is_a_clear_error(s3):
     st = open_store("s3://no-such-bucket-kt/x", s3.settings)
-    for op in (lambda: st.put_bytes("k", b"1"), st.list, st.check):
+    for op in (lambda: st.put_bytes("k", b"1"), st.list):
         with pytest.raises(StoreError, match="bucket 'no-such-bucket-kt' does not exist") as err:
             op()
         assert s3.endpoint in str(err.value)
@@ -189,6 +190,33 @@ def test_with_retries_gives_up_on_permanent_errors():
             should_stop=stop.is_set,
             sleep=lambda s: None,
         )
+
+
+def test_with_retries_worst_case_is_what_its_docstring_says():
+    """attempts=N: N calls, at most worst_case_wait(N) seconds of sleep (jitter halves it at most);
+    with a deadline no sleep reaches past it."""
+    calls, slept = [], []
+
+    def down():
+        calls.append(1)
+        raise TransientStoreError("down")
+
+    with pytest.raises(TransientStoreError):
+        with_retries(down, what="x", sleep=slept.append)
+    assert len(calls) == 8 and len(slept) == 7
+    assert worst_case_wait(8) == 0.5 + 1 + 2 + 4 + 8 + 16 + 30
+    assert worst_case_wait(8) / 2 <= sum(slept) <= worst_case_wait(8)
+    assert all(s <= 30.0 for s in slept)
+
+    calls.clear()
+    slept.clear()
+    deadline = time.monotonic() + 1.0
+    with pytest.raises(TransientStoreError):
+        with_retries(
+            down, what="x", attempts=None, deadline=deadline, sleep=lambda s: slept.append(s) or time.sleep(s)
+        )
+    assert time.monotonic() >= deadline - 0.05 and sum(slept) <= 1.0 + 0.05
+    assert len(calls) == len(slept) + 1
 
 
 def test_s3_settings_are_used(s3):

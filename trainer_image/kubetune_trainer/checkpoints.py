@@ -28,22 +28,20 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune.conventions import COMMITTED_FILE
+from kubetune.locations import CHECKPOINT_PARTS_DIR, COMMITTED_FILE, COMPLETE_MARKER
 from kubetune_trainer.store import ObjectNotFound, ObjectStore, with_retries
 
 log = logging.getLogger("kubetune.checkpoints")
 
 MANIFEST_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
-VERIFIED_MARKER = ".kubetune-verified"
-PARTS_DIR = ".parts"  # step-N/.parts/node-K.json: what node K uploaded (multi-node)
+PARTS_DIR = CHECKPOINT_PARTS_DIR  # step-N/.parts/node-K.json: what node K uploaded (multi-node)
 PART_POLL_SECONDS = 0.5
 
 
@@ -144,7 +142,7 @@ def build_manifest(
     files = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel not in (COMMITTED_FILE, VERIFIED_MARKER):
+        if path.is_file() and rel not in (COMMITTED_FILE, COMPLETE_MARKER):
             files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     if not files:
         raise CheckpointError(f"checkpoint directory {root} is empty")
@@ -182,16 +180,6 @@ def commit(
     the same spec is a no-op.
     """
     name = step_name(step)
-    existing = read_manifest(store, name)
-    if existing is not None and existing.spec_hash == spec_hash:
-        log.info("checkpoint %s is already committed", store.uri_for(name))
-        return Checkpoint(step, name, store.uri_for(name), existing)
-    if existing is not None:
-        store.delete(f"{name}/{COMMITTED_FILE}")  # a foreign spec's checkpoint (on_spec_change: start_over)
-    manifest = manifest or build_manifest(
-        local_dir, step=step, world_size=world_size, spec_hash=spec_hash, extra=extra
-    )
-    root = Path(local_dir)
     if deadline is None and should_stop is None:
         deadline = time.monotonic() + 600
 
@@ -202,6 +190,17 @@ def commit(
         return with_retries(
             fn, what=what, attempts=None, deadline=deadline, should_stop=after_failure, max_delay=10.0
         )
+
+    existing = retrying(lambda: read_manifest(store, name), f"reading {name}/{COMMITTED_FILE}")
+    if existing is not None and existing.spec_hash == spec_hash:
+        log.info("checkpoint %s is already committed", store.uri_for(name))
+        return Checkpoint(step, name, store.uri_for(name), existing)
+    if existing is not None:  # a foreign spec's checkpoint (on_spec_change: start_over)
+        retrying(lambda: store.delete(f"{name}/{COMMITTED_FILE}"), f"de-commit {name}")
+    manifest = manifest or build_manifest(
+        local_dir, step=step, world_size=world_size, spec_hash=spec_hash, extra=extra
+    )
+    root = Path(local_dir)
 
     def stopped() -> None:
         if should_stop is not None and should_stop():
@@ -555,70 +554,38 @@ def download(
 ) -> Path:
     """Download a committed checkpoint into local_root/step-N and verify every file's sha256.
 
-    A directory already downloaded and verified for the same manifest is reused. Raises
-    CorruptCheckpoint (and removes the partial download) when verification fails.
+    Through the trainer's one fetch (kubetune_trainer.locations.fetch_tree): complete or not at all,
+    a copy already verified for the same manifest reused. Raises CorruptCheckpoint (leaving nothing
+    behind) when a file is missing or fails verification.
     """
-    root = Path(local_root)
-    dst = root / ckpt.name
-    digest = hashlib.sha256(ckpt.manifest.to_json()).hexdigest()
-    marker = dst / VERIFIED_MARKER
-    if marker.is_file() and marker.read_text().strip() == digest:
-        log.info("reusing verified local copy %s of %s", dst, ckpt.uri)
-        return dst
-    partial = root / f".{ckpt.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(dst, ignore_errors=True)
-    from kubetune_trainer.diskspace import ensure_free_space
+    from kubetune_trainer.locations import IncompleteFetch, fetch_tree
 
-    ensure_free_space(root, ckpt.manifest.total_bytes, f"downloading checkpoint {ckpt.uri} to resume")
-    partial.mkdir(parents=True)
+    dst = Path(local_root) / ckpt.name
+    digest = hashlib.sha256(ckpt.manifest.to_json()).hexdigest()
     t0 = time.monotonic()
-    calls = [
-        lambda rel=rel: with_retries(
-            lambda: store.get_file(f"{ckpt.name}/{rel}", partial / rel), what=f"download {ckpt.name}/{rel}"
-        )
-        for rel in ckpt.manifest.files
-    ]
     try:
-        ObjectStore._parallel(calls, workers)
+        fetch_tree(
+            store.sub(ckpt.name),
+            {rel: int(meta["size"]) for rel, meta in ckpt.manifest.files.items()},
+            dst,
+            record={"uri": ckpt.uri, "manifest_sha256": digest},
+            what=f"downloading checkpoint {ckpt.uri} to resume",
+            reuse=lambda marker: marker.get("manifest_sha256") == digest,
+            verify=lambda root: verify_local(root, ckpt.manifest),
+            workers=workers,
+        )
+    except IncompleteFetch as e:
+        raise CorruptCheckpoint(f"{ckpt.uri} failed verification: {e}") from None
     except ObjectNotFound as e:
-        shutil.rmtree(partial, ignore_errors=True)
         raise CorruptCheckpoint(f"{ckpt.uri}: {e}") from e
-    problems = verify_local(partial, ckpt.manifest)
-    if problems:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise CorruptCheckpoint(f"{ckpt.uri} failed verification: {'; '.join(problems[:5])}")
-    (partial / VERIFIED_MARKER).write_text(digest + "\n")
-    os.replace(partial, dst)
     log.info(
-        "downloaded and verified %s -> %s (%.1f MB in %.1fs)",
+        "%s verified in %s (%.1f MB, %.1fs)",
         ckpt.uri,
         dst,
         ckpt.manifest.total_bytes / 1e6,
         time.monotonic() - t0,
     )
     return dst
-
-
-def resolve(
-    store: ObjectStore,
-    local_root: str | os.PathLike,
-    *,
-    spec_hash: str,
-    on_spec_change: str = "refuse",
-    world_size: int | None = None,
-    strategy: str = "ddp",
-) -> tuple[Checkpoint, Path] | None:
-    """Single-process resume: the newest committed checkpoint that downloads and verifies, or None."""
-    for ckpt in candidates(
-        store, spec_hash=spec_hash, on_spec_change=on_spec_change, world_size=world_size, strategy=strategy
-    ):
-        try:
-            return ckpt, download(store, ckpt, local_root)
-        except CorruptCheckpoint as e:
-            log.warning("skipping %s; falling back to the previous committed checkpoint", e)
-            decommit(store, ckpt, str(e))
-    return None
 
 
 # ---------------------------------------------------------------- pruning
@@ -660,6 +627,6 @@ def clean_uncommitted(store: ObjectStore) -> list[str]:
 __all__ = [
     "Checkpoint", "CheckpointError", "CorruptCheckpoint", "Manifest", "SpecMismatch", "build_manifest",
     "candidates", "clean_uncommitted", "collect_parts", "commit", "decommit", "delete_checkpoint", "download", "latest_committed",
-    "list_committed", "parse_step_name", "prune", "read_manifest", "remote_problems", "resolve", "scan",
+    "list_committed", "parse_step_name", "prune", "read_manifest", "remote_problems", "scan",
     "sha256_file", "step_name", "upload_part", "verify_local",
 ]  # fmt: skip

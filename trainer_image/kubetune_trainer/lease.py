@@ -39,12 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.locations import LEASE_FILE
 from kubetune_trainer.errors import JobError
 from kubetune_trainer.store import LocalStore, ObjectStore, S3Store, StoreError, with_retries
 
 log = logging.getLogger("kubetune.lease")
 
-LEASE_FILE = "LEASE"
 ENV_LEASE_SECONDS = "KUBETUNE_LEASE_SECONDS"
 DEFAULT_LEASE_SECONDS = 60.0
 

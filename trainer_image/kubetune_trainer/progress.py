@@ -2,7 +2,8 @@
 
 Written by global rank 0 to <output.uri>/progress.json every few seconds (from a background
 thread: a slow or unreachable store never blocks training) and at once on every state change.
-The document (all keys always present, null when unknown, but `rewards`: method dpo only):
+The document is a :class:`kubetune.progress.TrainerProgress` (all keys always present, null when
+unknown, but `rewards`: preference methods only):
 
     {"job": "demo", "attempt": 2, "state": "running",     # starting|running|saving|done|failed|preempted
      "reason": null,                                       # why failed/preempted
@@ -24,8 +25,6 @@ machine shows it when the store does not answer or holds an older version.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import os
 import threading
@@ -33,7 +32,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.conventions import PROGRESS_FILE
+from kubetune.locations import PROGRESS_FILE, local_progress_path
+from kubetune.progress import STATES, TrainerProgress, TrainerState
 from kubetune_trainer.store import ObjectNotFound, ObjectStore, StoreError, open_store
 
 if TYPE_CHECKING:
@@ -41,34 +41,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kubetune.progress")
 
-STATES = ("starting", "running", "saving", "done", "failed", "preempted")
-
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def empty_progress(job: str = "", attempt: int = 0, world_size: int = 1) -> dict[str, Any]:
-    return {
-        "job": job,
-        "attempt": attempt,
-        "state": "starting",
-        "reason": None,
-        "step": 0,
-        "total_steps": 0,
-        "percent": 0,
-        "epoch": 0.0,
-        "loss": None,
-        "tokens_per_second": None,
-        "eta_seconds": None,
-        "last_checkpoint": None,
-        "checkpoint_error": None,
-        "resumed_from": None,
-        "store_unreachable": None,
-        "world_size": world_size,
-        "started_at": _now(),
-        "updated_at": _now(),
-    }
+def empty_progress(job: str = "", attempt: int = 0, world_size: int = 1) -> TrainerProgress:
+    now = _now()
+    return TrainerProgress(job=job, attempt=attempt, world_size=world_size, started_at=now, updated_at=now)
 
 
 class ProgressWriter:
@@ -87,7 +67,7 @@ class ProgressWriter:
         self.store = store
         self.interval = interval
         self.local_copy = Path(local_copy) if local_copy is not None else None
-        self.doc = empty_progress(job, attempt, world_size)
+        self.doc: TrainerProgress = empty_progress(job, attempt, world_size)
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._urgent = threading.Event()
@@ -101,20 +81,16 @@ class ProgressWriter:
         self._thread.start()
 
     def update(self, *, flush: bool = False, **fields: Any) -> None:
+        """Change fields of the document (names and types of :class:`TrainerProgress`)."""
         with self._lock:
-            for k, v in fields.items():
-                self.doc[k] = v
-            step, total = self.doc.get("step") or 0, self.doc.get("total_steps") or 0
-            self.doc["percent"] = int(100 * step / total) if total else 0
-            self.doc["updated_at"] = _now()
+            self.doc = self.doc.with_updates(**fields, updated_at=_now())
             self._version += 1
         self._dirty.set()
         if flush:
             self._urgent.set()
 
-    def set_state(self, state: str, reason: str | None = None, *, wait: float | None = None) -> None:
+    def set_state(self, state: TrainerState, reason: str | None = None, *, wait: float | None = None) -> None:
         """Change state (written at once); `wait`: block up to that many seconds for the write."""
-        assert state in STATES, state
         self.update(state=state, reason=reason, flush=True)
         if wait:
             self.flush(wait)
@@ -140,25 +116,27 @@ class ProgressWriter:
         self._dirty.set()
         self._thread.join(timeout=min(2.0, max(0.1, timeout)))
         with self._lock:  # the last word stays on this machine even when the store never took it
-            doc = {**self.doc, "store_unreachable": dict(self._outage) if self._outage else None}
+            doc = self.doc.with_updates(store_unreachable=self._outage)
         self._write_local(doc)
 
-    def snapshot(self) -> dict[str, Any]:
+    @property
+    def state(self) -> TrainerState:
+        """The state last set."""
         with self._lock:
-            return dict(self.doc)
+            return self.doc.state
 
     def outage(self) -> dict[str, Any] | None:
         """{"since", "failed_attempts", "error"} while writes to the store fail, else None."""
         with self._lock:
             return dict(self._outage) if self._outage else None
 
-    def _write_local(self, doc: dict[str, Any]) -> None:
+    def _write_local(self, doc: TrainerProgress) -> None:
         if self.local_copy is None:
             return
         try:
             self.local_copy.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.local_copy.with_name(f".{self.local_copy.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(doc, indent=1) + "\n")
+            tmp.write_text(doc.to_json())
             os.replace(tmp, self.local_copy)
         except OSError as e:  # a full scratch disk must not stop training either
             log.debug("could not write %s: %s", self.local_copy, e)
@@ -176,13 +154,11 @@ class ProgressWriter:
             self._urgent.clear()
             self._dirty.clear()
             with self._lock:
-                doc, version = dict(self.doc), self._version
-                doc["store_unreachable"] = dict(self._outage) if self._outage else None
-            self._write_local(doc)
+                doc, version = self.doc, self._version
+                outage = self._outage
+            self._write_local(doc.with_updates(store_unreachable=outage))
             try:
-                self.store.put_bytes(
-                    PROGRESS_FILE, (json.dumps({**doc, "store_unreachable": None}, indent=1) + "\n").encode()
-                )
+                self.store.put_bytes(PROGRESS_FILE, doc.to_json().encode())
                 self._failures = 0
                 if self._outage is not None:
                     log.warning(
@@ -190,14 +166,14 @@ class ProgressWriter:
                     )
                     with self._lock:
                         self._outage = None
-                    self._write_local({**doc, "store_unreachable": None})
+                    self._write_local(doc)
             except Exception as e:  # never fatal: the next write may work
                 self._failures += 1
                 with self._lock:
                     since = self._outage["since"] if self._outage else _now()
                     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                     self._outage = {"since": since, "failed_attempts": self._failures, "error": reason}
-                self._write_local({**doc, "store_unreachable": dict(self._outage)})
+                self._write_local(doc.with_updates(store_unreachable=self._outage))
                 if self._failures in (1, 10) or self._failures % 100 == 0:
                     log.warning(
                         "could not write %s (%d failures): %s",
@@ -214,17 +190,10 @@ class ProgressWriter:
                 self._written.notify_all()
 
 
-def local_progress_path(job: str, output_uri: str) -> Path:
-    """Where the trainer keeps the local copy of a job's progress.json on this machine."""
-    from kubetune_trainer.model_loading import cache_root
-
-    digest = hashlib.sha256(output_uri.rstrip("/").encode()).hexdigest()[:12]
-    return cache_root() / "progress" / f"{job}-{digest}.json"
-
-
-def read_progress(store: ObjectStore) -> dict[str, Any] | None:
+def read_progress(store: ObjectStore) -> TrainerProgress | None:
+    """The output's progress.json; None when there is none. ValueError when it is not one."""
     try:
-        return json.loads(store.get_bytes(PROGRESS_FILE))
+        return TrainerProgress.from_json(store.get_bytes(PROGRESS_FILE))
     except ObjectNotFound:
         return None
 
@@ -240,54 +209,48 @@ def _duration(seconds: float | None) -> str:
     return f"{s}s"
 
 
-def format_progress(p: dict[str, Any], uri: str = "") -> str:
+def format_progress(p: TrainerProgress, uri: str = "") -> str:
     lines = []
-    head = f"{p.get('job') or '?'}: {p.get('state') or '?'}"
-    if p.get("reason"):
-        head += f" ({p['reason']})"
-    if p.get("attempt"):
-        head += f", attempt {p['attempt']}"
-    if p.get("world_size"):
-        head += f", {p['world_size']} processes"
+    head = f"{p.job or '?'}: {p.state}"
+    if p.reason:
+        head += f" ({p.reason})"
+    if p.attempt:
+        head += f", attempt {p.attempt}"
+    if p.world_size:
+        head += f", {p.world_size} processes"
     lines.append(head)
-    step, total = p.get("step") or 0, p.get("total_steps") or 0
-    parts = [f"step {step}/{total or '?'}" + (f" ({p.get('percent', 0)}%)" if total else "")]
-    if p.get("epoch") is not None:
-        parts.append(f"epoch {float(p['epoch']):.2f}")
-    if p.get("loss") is not None:
-        parts.append(f"loss {float(p['loss']):.4f}")
-    rewards = p.get("rewards") or {}
+    parts = [f"step {p.step}/{p.total_steps or '?'}" + (f" ({p.percent}%)" if p.total_steps else "")]
+    parts.append(f"epoch {p.epoch:.2f}")
+    if p.loss is not None:
+        parts.append(f"loss {p.loss:.4f}")
+    rewards = p.rewards or {}
     if rewards.get("margins") is not None:
-        parts.append(f"reward margin {float(rewards['margins']):.3f}")
+        parts.append(f"reward margin {rewards['margins']:.3f}")
     if rewards.get("accuracies") is not None:
-        parts.append(f"preference accuracy {float(rewards['accuracies']):.0%}")
-    if p.get("tokens_per_second") is not None:
-        parts.append(f"{float(p['tokens_per_second']):.0f} tokens/s")
-    if p.get("eta_seconds") is not None and p.get("state") == "running":
-        parts.append(f"ETA {_duration(p['eta_seconds'])}")
+        parts.append(f"preference accuracy {rewards['accuracies']:.0%}")
+    if p.tokens_per_second is not None:
+        parts.append(f"{p.tokens_per_second:.0f} tokens/s")
+    if p.eta_seconds is not None and p.state == "running":
+        parts.append(f"ETA {_duration(p.eta_seconds)}")
     lines.append("  " + ", ".join(parts))
-    ck = p.get("last_checkpoint")
-    lines.append(
-        f"  last checkpoint: {ck['uri']} (step {ck['step']})" if ck else "  last checkpoint: none yet"
-    )
-    if p.get("checkpoint_error"):
-        lines.append(f"  checkpoint upload failing: {p['checkpoint_error']}")
-    down = p.get("store_unreachable")
+    ck = p.last_checkpoint
+    lines.append(f"  last checkpoint: {ck.uri} (step {ck.step})" if ck else "  last checkpoint: none yet")
+    if p.checkpoint_error:
+        lines.append(f"  checkpoint upload failing: {p.checkpoint_error}")
+    down = p.store_unreachable
     if down:
         lines.append(
-            f"  store unreachable since {down.get('since')} ({down.get('failed_attempts')} failed attempts): "
-            f"{down.get('error')}"
+            f"  store unreachable since {down.since} ({down.failed_attempts} failed attempts): {down.error}"
         )
-    if p.get("resumed_from"):
-        lines.append(f"  resumed from: {p['resumed_from']['uri']} (step {p['resumed_from']['step']})")
-    updated = p.get("updated_at")
-    if updated:
+    if p.resumed_from:
+        lines.append(f"  resumed from: {p.resumed_from.uri} (step {p.resumed_from.step})")
+    if p.updated_at:
         try:
-            t = _dt.datetime.fromisoformat(updated.replace("Z", "+00:00"))
+            t = _dt.datetime.fromisoformat(p.updated_at.replace("Z", "+00:00"))
             ago = (_dt.datetime.now(_dt.timezone.utc) - t).total_seconds()
-            lines.append(f"  updated {updated} ({_duration(max(0.0, ago))} ago)")
+            lines.append(f"  updated {p.updated_at} ({_duration(max(0.0, ago))} ago)")
         except ValueError:
-            lines.append(f"  updated {updated}")
+            lines.append(f"  updated {p.updated_at}")
     if uri:
         lines.append(f"  from {uri}")
     return "\n".join(lines)
@@ -300,7 +263,7 @@ def print_status(job: FineTuneJob) -> int:
     spec = job.spec
     local = local_progress_path(job.name, spec.output.uri)
     try:
-        local_doc = json.loads(local.read_text()) if local.is_file() else None
+        local_doc = TrainerProgress.from_json(local.read_text()) if local.is_file() else None
     except (OSError, ValueError):
         local_doc = None
     try:
@@ -312,7 +275,7 @@ def print_status(job: FineTuneJob) -> int:
             return 1
         print(format_progress(local_doc, f"{local} (the local copy: the store did not answer: {e})"))
         return 0
-    if local_doc is not None and (p is None or str(local_doc.get("updated_at")) > str(p.get("updated_at"))):
+    if local_doc is not None and (p is None or str(local_doc.updated_at) > str(p.updated_at)):
         # the trainer on this machine could not write the store: its local copy is newer
         print(
             format_progress(local_doc, f"{local} (the local copy; {store.uri_for(PROGRESS_FILE)} is older)")
@@ -329,6 +292,6 @@ def print_status(job: FineTuneJob) -> int:
 
 
 __all__ = [
-    "ProgressWriter", "empty_progress", "format_progress", "local_progress_path", "print_status", "read_progress",
-    "STATES",
+    "ProgressWriter", "STATES", "TrainerProgress", "empty_progress", "format_progress", "local_progress_path",
+    "print_status", "read_progress",
 ]  # fmt: skip

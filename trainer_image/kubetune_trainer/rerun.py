@@ -17,8 +17,9 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kubetune.conventions import (
+from kubetune.locations import (
     FINAL_DIR,
+    FINISHED_FILE,
     LOSS_PLOT,
     METRICS_FILE,
     PROGRESS_FILE,
@@ -26,14 +27,13 @@ from kubetune.conventions import (
     TRACKING_FILE,
 )
 from kubetune_trainer import checkpoints as ck
+from kubetune_trainer.progress import read_progress
 from kubetune_trainer.store import ObjectNotFound, ObjectStore, StoreError, open_store
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJob
 
 log = logging.getLogger("kubetune.rerun")
-
-FINISHED_FILE = "FINISHED"  # under the output: {"step", "total_steps", "spec_hash"} of a finished run
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def previous_run(job: FineTuneJob) -> PreviousRun | None:
     spec = job.spec
     try:
         out = open_store(spec.output.uri, spec.storage.s3)
-        progress = _read_json(out, PROGRESS_FILE)
+        progress = read_progress(out)
         done = _read_json(out, FINISHED_FILE)
         latest = ck.latest_committed(open_store(spec.checkpoint_uri(), spec.storage.s3))
     except (StoreError, ValueError, ck.CheckpointError) as e:
@@ -66,7 +66,6 @@ def previous_run(job: FineTuneJob) -> PreviousRun | None:
         return None
     if progress is None and latest is None:
         return None
-    progress = progress or {}
     max_steps = spec.training.max_steps
     finished = (
         done is not None
@@ -80,9 +79,9 @@ def previous_run(job: FineTuneJob) -> PreviousRun | None:
         return PreviousRun(
             "done", int(done["step"]), int(done.get("total_steps") or done["step"]), out.uri, True
         )
-    step = int(progress.get("step") or (latest.step if latest else 0))
-    total = int(progress.get("total_steps") or step)
-    return PreviousRun(str(progress.get("state") or "unknown"), step, total, out.uri, False)
+    step = (progress.step if progress else 0) or (latest.step if latest else 0)
+    total = (progress.total_steps if progress else 0) or step
+    return PreviousRun(progress.state if progress else "unknown", step, total, out.uri, False)
 
 
 def _read_json(store: ObjectStore, key: str) -> dict | None:

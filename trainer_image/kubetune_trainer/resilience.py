@@ -58,18 +58,24 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from kubetune.conventions import ENV_ATTEMPT, ENV_PREEMPT_MARKER, EXIT_PREEMPTED, METRICS_FILE
+from kubetune.conventions import ENV_ATTEMPT, ENV_PREEMPT_MARKER, EXIT_PREEMPTED
+from kubetune.locations import (
+    METRICS_FILE,
+    WORK_RESUME_DIR,
+    WORK_STAGING_DIR,
+    local_path,
+    local_progress_path,
+)
 from kubetune_trainer import checkpoints as ck
 from kubetune_trainer import tracking
 from kubetune_trainer.diskspace import free_bytes, no_space_message
 from kubetune_trainer.errors import JobError
-from kubetune_trainer.progress import ProgressWriter, local_progress_path
+from kubetune_trainer.progress import ProgressWriter
 from kubetune_trainer.store import (
     ObjectNotFound,
     ObjectStore,
     StoreError,
     TransientStoreError,
-    local_path_for,
     open_store,
     probe_write,
     with_retries,
@@ -85,7 +91,6 @@ EXIT_MARGIN_SECONDS = 3.0  # of the grace budget, kept for stopping the processe
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 WATCHDOG_MARGIN_SECONDS = 1.5  # before the grace ends: torchrun and supervise still have to exit
 FAILURE_UPLOAD_GRACE_SECONDS = 20.0  # torchrun stops the other workers within TORCH_ELASTIC_SHUTDOWN_TIMEOUT
-ENV_TEST_STEP_DELAY = "KUBETUNE_TEST_STEP_DELAY"  # seconds slept after every step (tests, benchmarks)
 
 
 class Gang:
@@ -222,7 +227,7 @@ class Resilience:
             preempted = isinstance(exc, SystemExit) and exc.code in (EXIT_PREEMPTED, EXIT_INTERRUPTED)
             at_once = preempted or isinstance(exc, KeyboardInterrupt)  # a second Ctrl-C: no waiting
             if exc is not None and self.progress is not None:
-                if preempted and self.progress.snapshot().get("state") == "preempted":
+                if preempted and self.progress.state == "preempted":
                     pass  # _finish_preemption said what was committed
                 elif preempted:
                     self.progress.set_state("preempted", self.stop_signal or "SIGTERM", wait=within(3))
@@ -282,7 +287,7 @@ class Resilience:
                 spec_hash=self.spec_hash,
                 world_size=g.world_size,
                 keep_last=spec.checkpoint.keep_last,
-                staging_dir=self.workdir / "upload-staging",
+                staging_dir=self.workdir / WORK_STAGING_DIR,
                 extra={
                     "job": self.job.metadata.name,
                     "strategy": spec.parallel_config.strategy,
@@ -361,7 +366,7 @@ class Resilience:
                 raise StoreError(f"checkpoints at {spec.checkpoint_uri()}: {listing['error']}")
             raise JobError(f"spec.checkpoint: {listing['error']}")
         chosen: ck.Checkpoint | None = None
-        local_root = self.workdir / "resume"
+        local_root = self.workdir / WORK_RESUME_DIR
         for step, name, uri, manifest_json in listing["candidates"]:
             c = ck.Checkpoint(step, name, uri, ck.Manifest.from_json(manifest_json))
             corrupt, unreachable, no_space = 0.0, 0.0, 0.0
@@ -422,7 +427,7 @@ class Resilience:
 
     def _restore_metrics(self) -> None:
         """A new pod continues the job's metrics.jsonl (s3:// outputs live in the store, not here)."""
-        if local_path_for(self.spec.output.uri) is not None or self.out_store is None:
+        if local_path(self.spec.output.uri) is not None or self.out_store is None:
             return
         if self.spec.tracking.tensorboard:  # and the job's one TensorBoard log dir
             tracking.restore_tensorboard(self.out_store, self.output_dir)
@@ -447,7 +452,7 @@ class Resilience:
                 last_checkpoint={"uri": c.uri, "step": c.step}, checkpoint_error=None, flush=True
             )
         # keep the store's metrics.jsonl as far as the newest checkpoint (s3:// outputs)
-        if self.out_store is not None and local_path_for(self.spec.output.uri) is None:
+        if self.out_store is not None and local_path(self.spec.output.uri) is None:
             local = self.output_dir / METRICS_FILE
             if local.is_file():
                 data = local.read_bytes()
@@ -648,7 +653,7 @@ class Resilience:
                 f"the last checkpoint (step {self.final_step}) was not committed within {budget}"
                 f"{self._outage_note()}; {self._committed_summary()}; the output was not uploaded"
             )
-        if local_path_for(self.spec.output.uri) is None and self.output_dir.is_dir():
+        if local_path(self.spec.output.uri) is None and self.output_dir.is_dir():
             out_store = self.out_store
             t0 = time.monotonic()
             try:
@@ -696,8 +701,6 @@ class ResilienceCallback(TrainerCallback):
     def __init__(self, res: Resilience) -> None:
         self.res = res
         self.every_seconds = (res.spec.checkpoint.every_minutes or 0) * 60
-        # tests and benchmarks: make steps take at least this long, so a kill lands mid-training
-        self.step_delay = float(os.environ.get(ENV_TEST_STEP_DELAY, "0") or 0)
         self._t_step_end = time.monotonic()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -711,8 +714,6 @@ class ResilienceCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         r = self.res
-        if self.step_delay:
-            time.sleep(self.step_delay)
         now = time.monotonic()
         room = self._room_for_a_save(args, kwargs)
         flags = [

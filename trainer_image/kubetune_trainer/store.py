@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kubetune.conventions import ENV_S3_CREDENTIALS_DIR, S3_CREDENTIALS_DIR
-from kubetune.uris import Uri, parse_uri, pvc_mount_path
+from kubetune.locations import local_path
+from kubetune.uris import Uri, parse_uri
 
 if TYPE_CHECKING:
     from kubetune.spec import S3Storage
@@ -442,6 +443,11 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
+def worst_case_wait(attempts: int, base_delay: float = 0.5, max_delay: float = 30.0) -> float:
+    """The most seconds :func:`with_retries` sleeps in all before giving up after `attempts` calls."""
+    return sum(min(max_delay, base_delay * 2 ** (k - 1)) for k in range(1, attempts))
+
+
 def with_retries(
     fn: Callable[[], T],
     *,
@@ -455,8 +461,18 @@ def with_retries(
 ) -> T:
     """Call `fn` until it succeeds, retrying transient store errors with exponential backoff and jitter.
 
-    attempts=None retries until `deadline` (a time.monotonic() value) or `should_stop()`; the last
-    error is raised then. Non-transient errors (bad credentials, missing bucket) are raised at once.
+    This is kubetune's one retry loop for the object store (checkpoint uploads and downloads, fetched
+    inputs, the lease, the write probe all go through it; nothing retries around it). Worst case:
+
+    - `attempts`=N: at most N calls of `fn`, and between them at most
+      :func:`worst_case_wait` (N) seconds of sleep in all: try k waits
+      min(max_delay, base_delay * 2**(k-1)) times a jitter in [0.5, 1]. The defaults (8, 0.5 s, 30 s)
+      sleep at most 61.5 s. Each call is itself one store request that botocore may try up to
+      S3Store's `max_attempts` times before it counts as one failure here.
+    - `deadline` (a time.monotonic() value): no sleep reaches past it; the last error is raised at
+      the first failure after it. attempts=None retries until `deadline` or `should_stop()`.
+
+    Non-transient errors (bad credentials, missing bucket) are raised at once, after one call.
     """
     attempt = 0
     while True:
@@ -580,10 +596,6 @@ class S3Store(ObjectStore):
             if err is e:
                 raise
             raise err from e
-
-    def check(self) -> None:
-        """Fail early, clearly, when the bucket is missing or the credentials are wrong."""
-        self._call("check", None, lambda: self.client.head_bucket(Bucket=self.bucket))
 
     def put_file(
         self, local: str | os.PathLike, key: str, *, should_stop: Callable[[], bool] | None = None
@@ -735,19 +747,6 @@ def probe_write(store: ObjectStore, field: str) -> None:
 # ---------------------------------------------------------------- opening
 
 
-def local_path_for(uri: str) -> Path | None:
-    """The local directory a file://, plain-path or pvc:// URI names; None for s3:// and hf://."""
-    u = parse_uri(uri)
-    if u.scheme == "file":
-        return Path(u.path)
-    if u.scheme == "pvc":
-        # $KUBETUNE_PVC_ROOT stands in for the pods' mount root when running outside the cluster.
-        override = os.environ.get("KUBETUNE_PVC_ROOT")
-        base = Path(override) / u.netloc if override else Path(pvc_mount_path(u.netloc))
-        return base / u.path
-    return None
-
-
 def open_store(uri: str, s3: S3Storage | None = None, **s3_options: Any) -> ObjectStore:
     """An ObjectStore rooted at `uri` (s3://bucket/prefix, file:///path, a plain path, pvc://claim/path).
 
@@ -759,13 +758,13 @@ def open_store(uri: str, s3: S3Storage | None = None, **s3_options: Any) -> Obje
         return S3Store(u.netloc, u.path, s3, **s3_options)
     if u.scheme == "hf":
         raise ValueError(f"{uri} is a Hugging Face hub id, not an object store; use s3://, file:// or pvc://")
-    path = local_path_for(uri)
+    path = local_path(u)
     assert path is not None
     return LocalStore(path, uri=str(uri).rstrip("/") if u.scheme == "pvc" else str(path))
 
 
 __all__ = [
     "ObjectStore", "LocalStore", "S3Store", "StoreError", "ObjectNotFound", "TransientStoreError", "TransferAbandoned",
-    "open_store", "probe_write", "with_retries", "is_transient", "local_path_for", "read_credentials_dir",
+    "open_store", "probe_write", "with_retries", "worst_case_wait", "is_transient", "read_credentials_dir",
     "ENV_S3_CREDENTIALS_DIR", "DEFAULT_S3_CREDENTIALS_DIR",
 ]  # fmt: skip

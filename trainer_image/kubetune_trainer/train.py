@@ -108,10 +108,10 @@ class TrainResult:
 
 def local_output_dir(spec: FineTuneJobSpec, workdir: Path) -> Path:
     """Where final/, metrics.jsonl and loss.png are written on this machine (see module docstring)."""
-    from kubetune_trainer.store import local_path_for
+    from kubetune.locations import WORK_OUTPUT_DIR, local_path
 
-    path = local_path_for(spec.output.uri)
-    return path.expanduser() if path is not None else Path(workdir) / "output"
+    path = local_path(spec.output.uri)
+    return path if path is not None else Path(workdir) / WORK_OUTPUT_DIR
 
 
 def training_arguments(

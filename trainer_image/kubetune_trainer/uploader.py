@@ -10,8 +10,8 @@ At most one upload is in flight. A checkpoint submitted while one is uploading w
 single pending slot; a newer one replaces it there (the older pending one is dropped: it would
 only be pruned anyway). `submit(..., urgent=True)` (the SIGTERM save) also makes the in-flight
 upload give up at once (part-way through a file) so the urgent one goes first. An upload whose
-store is down is retried with backoff until it succeeds, is superseded or the uploader closes; once
-a newer checkpoint waits, a failing upload is abandoned at its next failed try (the store's
+store is down is retried with backoff (each store call through `store.with_retries`, the one retry
+loop) until it succeeds, is superseded or the uploader closes; once a newer checkpoint waits, a failing upload is abandoned at its next failed try (the store's
 first good minutes go to the newest checkpoint), while a healthy but slow one still finishes.
 A non-transient error (access denied, no such bucket) is not retried: it is kept in
 `fatal_error`, and the trainer stops on it (nothing more could ever be committed).
@@ -130,10 +130,6 @@ class CheckpointUploader:
             self._pending = job
             self._cond.notify_all()
 
-    def busy(self) -> bool:
-        with self._cond:
-            return self._pending is not None or self._current is not None
-
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until nothing is pending or in flight; False on timeout."""
         end = None if timeout is None else time.monotonic() + timeout
@@ -245,17 +241,9 @@ class CheckpointUploader:
                 self.on_state("uploading", job.step)
         t0 = time.monotonic()
         try:
-            attempt = 0
-            while True:  # the store may be down for a long while: keep trying until superseded/closed
-                attempt += 1
-                try:
-                    result = self._send(job)
-                    break
-                except Exception as e:
-                    if self._superseded(job) or not is_transient(e):
-                        raise
-                    log.warning("upload of step %d failed (%s); retrying (attempt %d)", job.step, e, attempt)
-                    time.sleep(min(30.0, 2.0**attempt))
+            # every store call in there retries transient errors (store.with_retries) until this
+            # upload is superseded or the uploader closes: the store may be down for a long while
+            result = self._send(job)
         except Exception as e:
             if self._superseded(job):
                 log.warning("upload of checkpoint step %d abandoned: %s", job.step, e)
