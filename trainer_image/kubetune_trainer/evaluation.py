@@ -469,6 +469,9 @@ def run_eval(job: FineTuneJob) -> int:
     output. 0 when every threshold is met, 1 otherwise."""
     import sys
 
+    from kubetune_trainer.train import quiet_known_noise
+
+    quiet_known_noise()  # no per-file progress bars of transformers around the table
     output = fetch_output(job)
     results = evaluate(job, output)
     publish(job, output)
