@@ -151,6 +151,55 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval(job)
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from kubetune_trainer.chat import run_chat
+
+    return run_chat(
+        args.output,
+        prompt=args.prompt,
+        system=args.system,
+        base=args.base,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kubetune_trainer.convert import export
+
+    written = export(
+        args.source,
+        args.dest,
+        base=args.base,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        adapter_only=args.adapter,
+    )
+    print(f"kubetune export: wrote {written}", file=sys.stderr)
+    return 0
+
+
+def _examples(args: argparse.Namespace) -> int:
+    from kubetune.catalog import find_examples, get_example
+
+    if args.name:
+        try:
+            example = get_example(args.name)
+        except KeyError as e:
+            print(f"kubetune examples: {e.args[0]}", file=sys.stderr)
+            return 1
+        sys.stdout.write(example.path.read_text(encoding="utf-8"))
+        return 0
+    found = find_examples(args.pattern)
+    if not found:
+        print(f"kubetune examples: none matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    width = max(len(e.name) for e in found)
+    for e in found:
+        print(f"{e.name:<{width}}  {e.description}")
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -250,6 +299,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print a job's progress.json from its output store")
     p.add_argument("file", metavar="FILE", help=JOB_FILE_HELP)
     p.set_defaults(func=_status)
+
+    p = sub.add_parser(
+        "chat", help="chat with a trained model (a job's output, final/merged, final/adapter or a checkpoint)"
+    )
+    p.add_argument(
+        "output",
+        metavar="OUTPUT",
+        help="a job's output URI (path or s3://), a final/ directory or a checkpoint",
+    )
+    p.add_argument(
+        "--prompt", metavar="TEXT", default=None, help="answer this one message on stdout and exit"
+    )
+    p.add_argument(
+        "--system", metavar="TEXT", default=None, help="system prompt (default: the one the job trained with)"
+    )
+    p.add_argument(
+        "--base", metavar="MODEL", default=None, help="base model of an adapter (default: the one it records)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    p.add_argument(
+        "--temperature", type=float, default=None,
+        help="sampling temperature; 0 is greedy (default 0 with --prompt, 0.7 in a chat)",
+    )  # fmt: skip
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser(
+        "export", help="write an adapter (merged onto its base) or a checkpoint as a Hugging Face model"
+    )
+    p.add_argument(
+        "source", metavar="SOURCE",
+        help="an adapter or checkpoint directory (checkpoint-N, step-N, FSDP too) or a job output (path or s3://)",
+    )  # fmt: skip
+    p.add_argument("dest", metavar="DEST", help="a new directory (or s3:// prefix) for the model")
+    p.add_argument(
+        "--base", metavar="MODEL", default=None, help="base model (default: the one the source records)"
+    )
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        help="weights' dtype (default auto: the job's training precision, else the model's own)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-shard-size", metavar="SIZE", default=None, help="e.g. 2GB: split the weights into shards"
+    )
+    p.add_argument("--adapter", action="store_true", help="write a LoRA source's adapter alone, not merged")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("examples", help="list the shipped example jobs, or print one to copy")
+    p.add_argument("name", metavar="NAME", nargs="?", default=None, help="print this example (e.g. sft-lora)")
+    p.add_argument("-p", "--pattern", default=None, help="only examples whose name or description matches")
+    p.set_defaults(func=_examples)
 
     p = sub.add_parser(
         "eval",

@@ -286,4 +286,38 @@ class ChatRenderer:
         }
 
 
-__all__ = ["ChatRenderer", "Encoded", "IGNORE_INDEX", "IM_END", "IM_START"]
+def training_chat_template(tokenizer: Any, *, apply_chat_template: bool, system_prompt: str | None) -> str:
+    """A Jinja chat template that renders a conversation as training did, for the exported tokenizer:
+    then ``tokenizer.apply_chat_template`` (transformers pipelines, vLLM, ``kubetune chat``) prompts
+    the trained model the way it learned. ``apply_chat_template: false``: kubetune's ChatML above
+    (its end-of-turn token, the tokenizer's BOS); true: the tokenizer's own template. A job's
+    `system_prompt` becomes the system turn of a conversation that brings none, as in training."""
+    import json
+
+    if apply_chat_template:
+        body = tokenizer.chat_template
+        if not body:
+            raise DataError("the tokenizer has no chat_template to record")
+    else:
+        r = ChatRenderer(tokenizer)
+        bos = tokenizer.decode(r.bos_prefix) if r.bos_prefix else ""
+        end = json.dumps(r.turn_end, ensure_ascii=False)
+        body = (
+            (f"{{{{- {json.dumps(bos, ensure_ascii=False)} }}}}" if bos else "")
+            + "{%- for message in messages %}"
+            f"{{{{- '{IM_START}' + message['role'] + '\n' + message['content'] + {end} + '\n' }}}}"
+            "{%- endfor %}"
+            f"{{%- if add_generation_prompt %}}{{{{- '{IM_START}assistant\n' }}}}{{%- endif %}}"
+        )
+    if not system_prompt:
+        return body
+    # Jinja string literal: json.dumps quoting, non-ASCII left as is (Jinja decodes its escapes)
+    default = json.dumps(system_prompt, ensure_ascii=False)
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {default}}}] + messages %}}"
+        "{%- endif %}" + body
+    )
+
+
+__all__ = ["ChatRenderer", "Encoded", "IGNORE_INDEX", "IM_END", "IM_START", "training_chat_template"]

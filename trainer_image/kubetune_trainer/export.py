@@ -55,7 +55,7 @@ def export_final(
         model.save_pretrained(
             adapter, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
         )
-        tokenizer.save_pretrained(adapter)
+        save_tokenizer(tokenizer, spec, adapter)
         _record_base_model(adapter, spec.model.uri)
         written["adapter"] = adapter
         if not spec.output.merge_adapter:
@@ -74,9 +74,29 @@ def export_final(
     merged = _fresh_dir(output_dir / MERGED_DIR)
     merged_model.config.use_cache = True
     merged_model.save_pretrained(merged, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(merged)
+    save_tokenizer(tokenizer, spec, merged)
     written["merged"] = merged
     return written
+
+
+def save_tokenizer(tokenizer: Any, spec: FineTuneJobSpec, directory: Path) -> None:
+    """Save the tokenizer with the chat template training rendered with (kubetune's ChatML or the
+    tokenizer's own, with the job's system_prompt), so whatever prompts the export prompts it as trained."""
+    from kubetune_trainer.chat_render import training_chat_template
+
+    if spec.method == "pretrain":  # plain text: no conversation rendering to record
+        tokenizer.save_pretrained(directory)
+        return
+    kept = tokenizer.chat_template
+    tokenizer.chat_template = training_chat_template(
+        tokenizer,
+        apply_chat_template=spec.dataset.apply_chat_template,
+        system_prompt=spec.dataset.system_prompt,
+    )
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.chat_template = kept
 
 
 def merge_onto_base(model_dir: Path, adapter_dir: Path, plan: PetPlan, precision: Precision) -> Any:
