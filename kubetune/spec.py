@@ -977,6 +977,55 @@ class ProfileRecord(BaseModel):
     )
 
 
+class Reason:
+    """Reasons of the job's conditions and Events, as the state machine sets them (kubectl wait,
+    Argo CD health and alerts match on them). The failure classes are described in the operator's
+    state.py; a phase's own name (Running, Succeeded, Failed, Suspended) is also a reason."""
+
+    # starting, running, finishing
+    CREATED = "Created"  # Event: the first attempt starts
+    RESUMED = "Resumed"  # Event: spec.suspend became false
+    RESTARTED = "Restarted"  # Event: the next attempt starts after a restart
+    CREATING_PODS = "CreatingPods"
+    CLEANING = "Cleaning"  # waiting for a previous attempt's pods to go
+    PODS_RUNNING = "PodsRunning"
+    COMPLETED = "Completed"
+    IDLE = "Idle"  # Reconciling is False
+    # waiting for pods
+    WAITING_FOR_PODS = "WaitingForPods"
+    WAITING_FOR_ADMISSION = "WaitingForAdmission"  # scheduling gates (Kueue)
+    UNSCHEDULABLE = "Unschedulable"
+    PENDING_TIMEOUT = "PendingTimeout"  # restart_policy.pending_timeout_seconds passed
+    IMAGE_ERROR = "ImageError"  # a stuck container waiting reason without a name of its own
+    STALLED = "Stalled"  # Event: the job cannot progress without someone acting
+    # suspending, restarting
+    SUSPENDING = "Suspending"
+    SUSPENDED = "Suspended"
+    RESTARTING = "Restarting"
+    BACKING_OFF = "BackingOff"
+    SPEC_CHANGED = "SpecChanged"  # a pod-shaping field edited while the attempt was Pending
+    SPEC_EDITED = "SpecEdited"  # ChangesPending is True
+    NO_CHANGES = "None"  # ChangesPending is False
+    # why an attempt ended (Trouble)
+    POD_DELETED = "PodDeleted"
+    POD_FAILED = "PodFailed"
+    USER_ERROR = "UserError"
+    OOM_KILLED = "OOMKilled"
+    EVICTED = "Evicted"
+    DISRUPTED = "Disrupted"
+    PREEMPTED = "Preempted"
+    TERMINATED = "Terminated"
+    NODE_LOST = "NodeLost"
+    NO_OUTPUT = "NoOutput"
+    NO_PROGRESS = "NoProgress"
+    # Failed
+    FAILED = "Failed"  # Event
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    MAX_RESTARTS_EXCEEDED = "MaxRestartsExceeded"
+    TOO_MANY_PREEMPTIONS = "TooManyPreemptions"
+    INVALID_SPEC = "InvalidSpec"
+
+
 # Reasons of the Evaluated condition, set once a job with spec.evaluation Succeeded.
 EVALUATED_PASSED = "ThresholdsPassed"  # True: every threshold met
 EVALUATED_NO_THRESHOLDS = "NoThresholds"  # True: scored, nothing to gate on

@@ -20,6 +20,7 @@ import yaml
 from lupa import lua51
 
 from kubetune.conventions import EXIT_USER_ERROR
+from kubetune.progress import TrainerProgress
 from kubetune.spec import FineTuneJobSpec
 from kubetune_operator import state
 from kubetune_operator.state import PodObs
@@ -107,7 +108,7 @@ def test_running_is_progressing_and_says_how_far() -> None:
     status = running()
     assert status["phase"] == "Running"
     assert health(job(status)) == {"status": "Progressing", "message": status["message"]}  # no progress yet
-    status |= state.progress_status({"state": "running", "step": 9, "total_steps": 20, "loss": 1.5})
+    status |= state.progress_status(TrainerProgress(state="running", step=9, total_steps=20, loss=1.5))
     assert health(job(status)) == {"status": "Progressing", "message": "Running: 45% (9/20)"}
 
 

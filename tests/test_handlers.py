@@ -11,6 +11,7 @@ import kmock
 import kubernetes
 import pytest
 
+from kubetune.progress import TrainerProgress
 from kubetune.spec import FineTuneJobSpec
 from kubetune_operator import handlers, metrics, state
 from tests.fixtures_kube import Cluster, free_port, job_doc
@@ -130,11 +131,13 @@ def test_progress_and_output_from_a_file_store(tmp_path: Path) -> None:
     out.mkdir()
     assert handlers.output_committed(spec, None) is False
     (out / "progress.json").write_text(json.dumps({"state": "running", "step": 3, "total_steps": 10}))
-    assert handlers.read_progress(spec)["step"] == 3
+    assert handlers.read_progress(spec).step == 3
     (out / "final" / "adapter").mkdir(parents=True)
     (out / "final" / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     assert handlers.output_committed(spec, None) is True
-    assert handlers.output_committed(spec, {"state": "done"}) is True
+    assert handlers.output_committed(spec, TrainerProgress(state="done")) is True
+    (out / "progress.json").write_text("not json")
+    assert handlers.read_progress(spec) is None  # said in the log; the status keeps what it had
     pvc = FineTuneJobSpec.model_validate({**job_doc("p", out)["spec"], "output": {"uri": "pvc://runs/p"}})
     assert handlers.read_progress(pvc) is None and handlers.output_committed(pvc, None) is None
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 
 import pytest
 
 from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR, LABEL_ATTEMPT, LABEL_RANK
-from kubetune.spec import FineTuneJobSpec
+from kubetune.progress import TrainerProgress
+from kubetune.spec import FineTuneJobSpec, FineTuneJobStatus
 from kubetune_operator import state
 from kubetune_operator.state import PodObs
 
@@ -350,13 +352,19 @@ def test_observe_pod_reads_what_the_kubelet_reports() -> None:
 
 
 def test_progress_status_from_progress_json() -> None:
-    doc = {"state": "running", "step": 120, "total_steps": 300, "percent": 40, "epoch": 1.2, "loss": 2.31,
-           "tokens_per_second": 5120.0, "eta_seconds": 310.0,
-           "last_checkpoint": {"uri": "s3://b/checkpoints/step-00000100", "step": 100}}  # fmt: skip
-    out = state.progress_status(doc)
+    """A progress.json as older trainers wrote it (no rewards, no store_unreachable) parses as the
+    one TrainerProgress type and fills status.progress and status.last_checkpoint."""
+    text = json.dumps({"state": "running", "step": 120, "total_steps": 300, "percent": 40, "epoch": 1.2,
+                       "loss": 2.31, "tokens_per_second": 5120.0, "eta_seconds": 310.0,
+                       "last_checkpoint": {"uri": "s3://b/checkpoints/step-00000100", "step": 100}})  # fmt: skip
+    out = state.progress_status(TrainerProgress.from_json(text))
+    FineTuneJobStatus.model_validate(out)  # the status types take it as it is
     assert out["progress"]["summary"] == "40% (120/300)" and out["progress"]["loss"] == 2.31
     assert out["last_checkpoint"] == {"uri": "s3://b/checkpoints/step-00000100", "step": 100}
     assert state.progress_status(None) == {}
+    bare = state.progress_status(TrainerProgress.from_json('{"step": 2}'))
+    assert bare == {"progress": {"step": 2, "total_steps": 0, "percent": 0, "summary": "step 2", "epoch": 0.0,
+                                 "state": "starting"}}  # fmt: skip
 
 
 def test_invalid_spec_fails_the_job() -> None:

@@ -40,8 +40,10 @@ import pydantic
 from kubernetes.client.exceptions import ApiException
 
 from kubetune import profiles
-from kubetune.conventions import EVAL_RESULTS_FILE, LABEL_ATTEMPT, LABEL_MANAGED_BY, MANAGER, PROGRESS_FILE
+from kubetune.conventions import LABEL_ATTEMPT, LABEL_MANAGED_BY, MANAGER
+from kubetune.locations import EVAL_RESULTS_FILE, FINAL_DIR, PROGRESS_FILE, output_uri
 from kubetune.profile_spec import PROFILE_PLURAL
+from kubetune.progress import TrainerProgress
 from kubetune.spec import GROUP, KIND, PLURAL, VERSION, FineTuneJob, FineTuneJobSpec
 from kubetune.uris import parse_uri
 from kubetune_operator import metrics, naming, render, state
@@ -213,13 +215,13 @@ def _store(spec: FineTuneJobSpec) -> Any:
     return _stores[key]
 
 
-def read_progress(spec: FineTuneJobSpec) -> dict | None:
-    """The trainer's progress.json, or None (not written yet, or the store cannot be read)."""
+def read_progress(spec: FineTuneJobSpec) -> TrainerProgress | None:
+    """The trainer's progress.json, or None (not written yet, not one, or the store cannot be read)."""
     from kubetune_trainer.store import ObjectNotFound, StoreError
 
     try:
         store = _store(spec)
-        return None if store is None else json.loads(store.get_bytes(PROGRESS_FILE))
+        return None if store is None else TrainerProgress.from_json(store.get_bytes(PROGRESS_FILE))
     except ObjectNotFound:
         return None
     except (StoreError, ValueError, OSError, ImportError) as e:  # ImportError: no boto3 in this image
@@ -231,7 +233,7 @@ def read_evaluation(spec: FineTuneJobSpec) -> state.EvaluationRead:
     """<output>/eval/results.json, read like progress.json (spec.evaluation's scores)."""
     from kubetune_trainer.store import LocalStore, ObjectNotFound, StoreError
 
-    uri = f"{spec.output.uri.rstrip('/')}/{EVAL_RESULTS_FILE}"
+    uri = output_uri(spec.output.uri, EVAL_RESULTS_FILE)
     try:
         store = _store(spec)
         if store is None or (isinstance(store, LocalStore) and not store.path("").exists()):
@@ -244,13 +246,13 @@ def read_evaluation(spec: FineTuneJobSpec) -> state.EvaluationRead:
         return state.EvaluationRead(None, uri, readable=False)
 
 
-def output_committed(spec: FineTuneJobSpec, progress: dict | None) -> bool | None:
+def output_committed(spec: FineTuneJobSpec, progress: TrainerProgress | None) -> bool | None:
     """Whether the trainer committed its final output: progress.json says done, or final/ exists.
 
     None when the operator cannot tell (pvc://, a file:// path on another machine, store errors):
     then rank 0's exit code 0 is trusted.
     """
-    if progress and progress.get("state") == "done":
+    if progress is not None and progress.state == "done":
         return True
     try:
         store = _store(spec)
@@ -260,7 +262,7 @@ def output_committed(spec: FineTuneJobSpec, progress: dict | None) -> bool | Non
 
         if isinstance(store, LocalStore) and not store.path("").exists():
             return None  # the trainers' file system is not this operator's
-        return bool(store.list("final/"))
+        return bool(store.list(f"{FINAL_DIR}/"))
     except Exception as e:  # noqa: BLE001 - any store trouble means "cannot tell"
         log.warning("cannot check the output of %s: %s", spec.output.uri, e)
         return None

@@ -61,7 +61,9 @@ from pydantic import BaseModel
 
 from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR, LABEL_ATTEMPT, LABEL_RANK
 from kubetune.evaluation import EvaluationResults
+from kubetune.locations import FINAL_DIR, output_uri
 from kubetune.profiles import PROFILE_VIOLATION
+from kubetune.progress import TrainerProgress
 from kubetune.spec import (
     EVALUATED_ERROR,
     EVALUATED_FAILED,
@@ -70,6 +72,8 @@ from kubetune.spec import (
     EVALUATED_PASSED,
     EVALUATED_UNAVAILABLE,
     FineTuneJobSpec,
+    Progress,
+    Reason,
 )
 
 PENDING, RUNNING, RESTARTING = "Pending", "Running", "Restarting"
@@ -270,34 +274,38 @@ def _eviction_hint(p: PodObs) -> str:
 def _pod_trouble(p: PodObs, now: dt.datetime, unknown_timeout: float) -> Trouble | None:
     who = f"pod {p.name} (rank {p.rank})"
     if p.terminating:
-        return Trouble(False, "PodDeleted", f"{who} is being deleted")
+        return Trouble(False, Reason.POD_DELETED, f"{who} is being deleted")
     if p.phase == "Failed":
         detail = f"exit code {p.exit_code}" if p.exit_code is not None else "no exit code"
         if p.reason:
             detail += f", {p.reason}"
         if p.exit_code == EXIT_USER_ERROR:  # the trainer's one-line reason is the termination message
             return Trouble(
-                True, "UserError", _last_line(p.message) or f"{who} reported a user error", fatal=True
+                True, Reason.USER_ERROR, _last_line(p.message) or f"{who} reported a user error", fatal=True
             )
         if p.message:
             detail += f": {p.message.strip()[:200]}"
         if p.reason == "Evicted":  # the kubelet, for node pressure the job itself caused
-            return Trouble(True, "Evicted", f"{who} was evicted by its node ({detail}){_eviction_hint(p)}")
+            return Trouble(
+                True, Reason.EVICTED, f"{who} was evicted by its node ({detail}){_eviction_hint(p)}"
+            )
         if p.reason == "OOMKilled":
-            return Trouble(True, "OOMKilled", f"{who} ran out of memory ({detail}); {OOM_HINT}")
+            return Trouble(True, Reason.OOM_KILLED, f"{who} ran out of memory ({detail}); {OOM_HINT}")
         if p.disrupted or p.reason in DISRUPTION_REASONS:
-            return Trouble(False, "Disrupted", f"{who} was disrupted ({p.disrupted or p.reason}; {detail})")
+            return Trouble(
+                False, Reason.DISRUPTED, f"{who} was disrupted ({p.disrupted or p.reason}; {detail})"
+            )
         if p.exit_code == EXIT_PREEMPTED:
-            return Trouble(False, "Preempted", f"{who} was preempted and saved a checkpoint ({detail})")
+            return Trouble(False, Reason.PREEMPTED, f"{who} was preempted and saved a checkpoint ({detail})")
         if p.exit_code == EXIT_SIGTERM:
-            return Trouble(False, "Terminated", f"{who} was terminated by SIGTERM ({detail})")
-        return Trouble(True, "PodFailed", f"{who} failed ({detail})")
+            return Trouble(False, Reason.TERMINATED, f"{who} was terminated by SIGTERM ({detail})")
+        return Trouble(True, Reason.POD_FAILED, f"{who} failed ({detail})")
     if p.node_down_since is not None:
         stuck = _since(now, p.node_down_since)
         if stuck >= unknown_timeout:
-            return Trouble(False, "NodeLost", f"{who}: its node has not reported for {int(stuck)}s")
+            return Trouble(False, Reason.NODE_LOST, f"{who}: its node has not reported for {int(stuck)}s")
     if p.disrupted and p.phase != "Succeeded":
-        return Trouble(False, "Disrupted", f"{who} is being disrupted ({p.disrupted})")
+        return Trouble(False, Reason.DISRUPTED, f"{who} is being disrupted ({p.disrupted})")
     return None
 
 
@@ -307,10 +315,12 @@ def _trouble(o: Observed, pods: list[PodObs], phase: str | None) -> Trouble | No
     ranks = {p.rank for p in pods}
     missing = [r for r in range(o.spec.parallel_config.nnodes) if r not in ranks]
     if missing and phase == RUNNING:
-        found.append(Trouble(False, "PodDeleted", f"pods of ranks {missing} are gone"))
+        found.append(Trouble(False, Reason.POD_DELETED, f"pods of ranks {missing} are gone"))
     rank0 = next((p for p in pods if p.rank == 0), None)
     if rank0 is not None and rank0.phase == "Succeeded" and o.output_committed is False:
-        found.append(Trouble(True, "NoOutput", f"rank 0 ({rank0.name}) exited 0 but no output was committed"))
+        found.append(
+            Trouble(True, Reason.NO_OUTPUT, f"rank 0 ({rank0.name}) exited 0 but no output was committed")
+        )
     found.sort(key=lambda t: (not t.fatal, not t.counted))
     return found[0] if found else None
 
@@ -361,20 +371,20 @@ def _status(
     s["observedGeneration"] = o.generation
     for key in ("attempt", "restarts", "preemptions"):
         s.setdefault(key, 0)
-    converging = phase in (PENDING, RESTARTING) or (phase == SUSPENDED and reason == "Suspending")
+    converging = phase in (PENDING, RESTARTING) or (phase == SUSPENDED and reason == Reason.SUSPENDING)
     ready_reason = {RUNNING: "Running", SUCCEEDED: "Succeeded"}.get(phase, reason)
     stuck_reason, stuck_message = stalled or ("", "")
     pending = s.get("pending_changes") or []
     values = {
         "Ready": (phase in (RUNNING, SUCCEEDED), ready_reason, message),
-        "Reconciling": (converging and not stalled, reason if converging else "Idle", message if converging else ""),
+        "Reconciling": (converging and not stalled, reason if converging else Reason.IDLE, message if converging else ""),
         "Stalled": (phase == FAILED or stalled is not None, reason if phase == FAILED else stuck_reason,
                     message if phase == FAILED else stuck_message),
         "Running": (phase == RUNNING, reason if phase == RUNNING else phase, message if phase == RUNNING else ""),
         "Succeeded": (phase == SUCCEEDED, reason if phase == SUCCEEDED else phase, message if phase == SUCCEEDED else ""),
         "Failed": (phase == FAILED, reason if phase == FAILED else phase, message if phase == FAILED else ""),
         "Suspended": (phase == SUSPENDED, reason if phase == SUSPENDED else phase, message if phase == SUSPENDED else ""),
-        "ChangesPending": (bool(pending), "SpecEdited" if pending else "None",
+        "ChangesPending": (bool(pending), Reason.SPEC_EDITED if pending else Reason.NO_CHANGES,
                            _pending_message(pending, s.get("attempt", 0)) if pending else ""),
     }  # fmt: skip
     evaluation = s.get("evaluation")
@@ -427,7 +437,7 @@ def invalid_spec(status: dict[str, Any], generation: int, now: dt.datetime, mess
     """A stored spec this operator cannot read (e.g. the CRD on the cluster is older): Failed."""
     o = Observed(spec=None, status=status, generation=generation, pods=(), now=now)  # type: ignore[arg-type]
     changes = {} if status.get("phase") == FAILED else {"completion_time": iso(now)}
-    return Decision(_status(o, FAILED, "InvalidSpec", message, **changes))
+    return Decision(_status(o, FAILED, Reason.INVALID_SPEC, message, **changes))
 
 
 def profile_violation(status: dict[str, Any], generation: int, now: dt.datetime, message: str) -> Decision:
@@ -472,15 +482,17 @@ def _decide(o: Observed) -> Decision:
             f"running for {int(over)}s, past spec.active_deadline_seconds={o.spec.active_deadline_seconds}"
         )
         d = Decision(
-            _status(o, FAILED, "DeadlineExceeded", message, completion_time=iso(o.now), restart_after=None),
+            _status(
+                o, FAILED, Reason.DEADLINE_EXCEEDED, message, completion_time=iso(o.now), restart_after=None
+            ),
             delete_pods=_not_deleting(_unfinished(pods)),
         )
-        d.events.append(Event("Warning", "DeadlineExceeded", message))
+        d.events.append(Event("Warning", Reason.DEADLINE_EXCEEDED, message))
         return d
 
     if o.spec.suspend:
         gone = not pods
-        reason = "Suspended" if gone else "Suspending"
+        reason = Reason.SUSPENDED if gone else Reason.SUSPENDING
         message = (
             "suspended: no pods, checkpoints kept"
             if gone
@@ -489,7 +501,7 @@ def _decide(o: Observed) -> Decision:
         d = Decision(_status(o, SUSPENDED, reason, message), delete_pods=_not_deleting(pods))
         if phase != SUSPENDED:
             d.events.append(
-                Event("Normal", "Suspended", f"spec.suspend is true: stopping attempt {attempt}'s pods")
+                Event("Normal", Reason.SUSPENDED, f"spec.suspend is true: stopping attempt {attempt}'s pods")
             )
         return d
 
@@ -507,7 +519,7 @@ def _decide(o: Observed) -> Decision:
         message = f"rank 0 finished; output in {_final_uri(o.spec)}"
         d = Decision(
             _status(
-                o, SUCCEEDED, "Completed", message, completion_time=iso(o.now), output=_final_uri(o.spec),
+                o, SUCCEEDED, Reason.COMPLETED, message, completion_time=iso(o.now), output=_final_uri(o.spec),
                 pending_changes=None,
             ),
             delete_pods=deletes,  # the other ranks get SUCCESS_GRACE_SECONDS to finish by themselves
@@ -520,19 +532,21 @@ def _decide(o: Observed) -> Decision:
         names = ", ".join(f"spec.{f}" for f in changed)
         message = f"{names} changed while attempt {attempt} was starting: replacing its pods (not counted)"
         d = Decision(
-            _status(o, RESTARTING, "SpecChanged", message, restart_after=None,
+            _status(o, RESTARTING, Reason.SPEC_CHANGED, message, restart_after=None,
                     last_restart_reason=f"SpecChanged: {message}"),
             delete_pods=deletes + _not_deleting(current),
-            restart_reason="SpecChanged",
+            restart_reason=Reason.SPEC_CHANGED,
         )  # fmt: skip
-        d.events.append(Event("Normal", "SpecChanged", message))
+        d.events.append(Event("Normal", Reason.SPEC_CHANGED, message))
         return d
 
     nnodes = o.spec.parallel_config.nnodes
     present = {p.rank for p in current}
     if len(present) < nnodes:  # Pending with missing pods: (re)create them
         d = Decision(
-            _status(o, PENDING, "CreatingPods", f"attempt {attempt}: {len(present)}/{nnodes} pods created"),
+            _status(
+                o, PENDING, Reason.CREATING_PODS, f"attempt {attempt}: {len(present)}/{nnodes} pods created"
+            ),
             create_attempt=attempt,
             delete_pods=deletes,
         )
@@ -547,7 +561,8 @@ def _decide(o: Observed) -> Decision:
         if changed:
             message += f"; {_pending_message(changed, attempt)}"
         d = Decision(
-            _status(o, RUNNING, "PodsRunning", message, pending_changes=changed or None), delete_pods=deletes
+            _status(o, RUNNING, Reason.PODS_RUNNING, message, pending_changes=changed or None),
+            delete_pods=deletes,
         )
         if phase != RUNNING:
             d.events.append(Event("Normal", "Running", message))
@@ -571,14 +586,17 @@ def _waiting(
         message += f"; {silent[0].name} not reporting since {iso(silent[0].node_down_since)}"  # type: ignore[arg-type]
     why: tuple[str, str] | None = None
     if stuck:
-        why = (stuck[0].waiting_reason or "ImageError", f"pod {stuck[0].name}: {stuck[0].waiting_reason}")
+        why = (
+            stuck[0].waiting_reason or Reason.IMAGE_ERROR,
+            f"pod {stuck[0].name}: {stuck[0].waiting_reason}",
+        )
     elif gated:
         why = (
-            "WaitingForAdmission",
+            Reason.WAITING_FOR_ADMISSION,
             f"{len(gated)} pods held by scheduling gates (waiting for Kueue to admit the gang)",
         )
     elif unsched:
-        why = ("Unschedulable", f"pod {unsched[0].name} unschedulable: {unsched[0].unschedulable}")
+        why = (Reason.UNSCHEDULABLE, f"pod {unsched[0].name} unschedulable: {unsched[0].unschedulable}")
     if why is not None:
         message += f"; {why[1]}"
     timeout = o.spec.restart_policy.pending_timeout_seconds
@@ -586,16 +604,16 @@ def _waiting(
     waited = _since(o.now, began)
     stalled = why if stuck else None
     if stalled is None and timeout and waited >= timeout:
-        reason, text = why or ("PendingTimeout", "pods not running yet")
+        reason, text = why or (Reason.PENDING_TIMEOUT, "pods not running yet")
         # no running clock in the message: the status must not change while nothing happens
         stalled = (reason, f"{text}; not all pods running {timeout}s after attempt {attempt} began "
                            f"(restart_policy.pending_timeout_seconds)")  # fmt: skip
-    reason = why[0] if why else "WaitingForPods"
+    reason = why[0] if why else Reason.WAITING_FOR_PODS
     d = Decision(_status(o, phase, reason, message, stalled=stalled), delete_pods=deletes)
     if stalled and not any(
         c.get("type") == "Stalled" and c.get("status") == "True" for c in status.get("conditions") or []
     ):
-        d.events.append(Event("Warning", "Stalled", stalled[1]))
+        d.events.append(Event("Warning", Reason.STALLED, stalled[1]))
     return d
 
 
@@ -653,30 +671,41 @@ def _no_progress(o: Observed) -> Trouble | None:
         return None
     step = (status.get("progress") or {}).get("step", 0)
     return Trouble(
-        True, "NoProgress",
+        True, Reason.NO_PROGRESS,
         f"training has not advanced past step {step} for {int(_since(o.now, since))}s "
         f"(restart_policy.progress_timeout_seconds={timeout})",
     )  # fmt: skip
 
 
 def _final_uri(spec: FineTuneJobSpec) -> str:
-    return f"{spec.output.uri.rstrip('/')}/final"
+    return output_uri(spec.output.uri, FINAL_DIR)
 
 
 def _next_attempt(o: Observed, phase: str | None, attempt: int, pods: list[PodObs]) -> Decision:
     """New, resumed or restarting job: start attempt + 1 once old pods are gone and backoff passed."""
     status = o.status or {}
-    reason = {None: "Created", "": "Created", SUSPENDED: "Resumed", RESTARTING: "Restarted"}[phase]
+    reason = {
+        None: Reason.CREATED,
+        "": Reason.CREATED,
+        SUSPENDED: Reason.RESUMED,
+        RESTARTING: Reason.RESTARTED,
+    }[phase]
     if pods:  # the previous attempt's pods must be gone first (they are saving a checkpoint)
         message = f"waiting for {len(pods)} pods of attempt {attempt} to stop"
         keep = RESTARTING if phase == RESTARTING else PENDING if not phase else SUSPENDED
-        r = "Suspending" if keep == SUSPENDED else "Restarting" if keep == RESTARTING else "Cleaning"
+        r = (
+            Reason.SUSPENDING
+            if keep == SUSPENDED
+            else Reason.RESTARTING
+            if keep == RESTARTING
+            else Reason.CLEANING
+        )
         return Decision(_status(o, keep, r, message), delete_pods=_not_deleting(pods))
     after = parse_time(status.get("restart_after"))
     if phase == RESTARTING and after is not None and o.now < after:
         wait = (after - o.now).total_seconds()
         message = f"attempt {attempt + 1} starts in {wait:.0f}s (backoff)"
-        return Decision(_status(o, RESTARTING, "BackingOff", message))
+        return Decision(_status(o, RESTARTING, Reason.BACKING_OFF, message))
     nxt = attempt + 1
     changes: dict[str, Any] = {
         "attempt": nxt, "restart_after": None, "attempt_start_time": iso(o.now),
@@ -688,11 +717,11 @@ def _next_attempt(o: Observed, phase: str | None, attempt: int, pods: list[PodOb
         changes["active_since"] = iso(o.now)
     message = f"attempt {nxt}: creating {o.spec.parallel_config.nnodes} pods"
     d = Decision(
-        _status(o, PENDING, "CreatingPods", message, **changes),
+        _status(o, PENDING, Reason.CREATING_PODS, message, **changes),
         create_attempt=nxt,
         delete_configs_before=nxt,
     )
-    verb = {"Created": "starting", "Resumed": "resuming", "Restarted": "restarting"}[reason]
+    verb = {Reason.CREATED: "starting", Reason.RESUMED: "resuming", Reason.RESTARTED: "restarting"}[reason]
     d.events.append(Event("Normal", reason, f"{verb} as attempt {nxt}"))
     return d
 
@@ -706,7 +735,7 @@ def _fail(
         # keep the failed pods for `kubectl logs`, stop the others
         delete_pods=deletes + _not_deleting(_unfinished(current)),
     )  # fmt: skip
-    d.events.append(Event("Warning", reason if reason == "UserError" else "Failed", message))
+    d.events.append(Event("Warning", reason if reason == Reason.USER_ERROR else Reason.FAILED, message))
     return d
 
 
@@ -722,13 +751,13 @@ def _restart_or_fail(
         )
     if t.counted and restarts >= policy.max_restarts:
         message = f"{t.message}; giving up after {restarts} restarts (restart_policy.max_restarts={policy.max_restarts})"
-        return _fail(o, "MaxRestartsExceeded", message, current, deletes, t)
+        return _fail(o, Reason.MAX_RESTARTS_EXCEEDED, message, current, deletes, t)
     if not t.counted and preemptions >= policy.max_preemptions:
         message = (
             f"{t.message}; giving up after {preemptions} uncounted restarts "
             f"(restart_policy.max_preemptions={policy.max_preemptions})"
         )
-        return _fail(o, "TooManyPreemptions", message, current, deletes, t)
+        return _fail(o, Reason.TOO_MANY_PREEMPTIONS, message, current, deletes, t)
     wait = backoff_seconds(o.spec, restarts + preemptions)
     counters = {"restarts": restarts + 1} if t.counted else {"preemptions": preemptions + 1}
     kind = (
@@ -742,27 +771,25 @@ def _restart_or_fail(
         delete_pods=deletes + _not_deleting(current),
         restart_reason=t.reason,
     )  # fmt: skip
-    d.events.append(Event("Warning", "Restarting", message))
+    d.events.append(Event("Warning", Reason.RESTARTING, message))
     return d
 
 
-def progress_status(doc: dict[str, Any] | None) -> dict[str, Any]:
+def progress_status(doc: TrainerProgress | None) -> dict[str, Any]:
     """Status fields from the trainer's progress.json: {progress: {...}, last_checkpoint: {...}}."""
-    if not doc:
+    if doc is None:
         return {}
-    step, total = int(doc.get("step") or 0), int(doc.get("total_steps") or 0)
-    percent = int(doc.get("percent") or (100 * step // total if total else 0))
-    progress = {
-        "step": step, "total_steps": total, "percent": percent,
-        "summary": f"{percent}% ({step}/{total})" if total else f"step {step}",
-        "epoch": float(doc.get("epoch") or 0.0), "loss": doc.get("loss"),
-        "tokens_per_second": doc.get("tokens_per_second"), "eta_seconds": doc.get("eta_seconds"),
-        "rewards": doc.get("rewards"), "state": doc.get("state"),
-    }  # fmt: skip
-    out: dict[str, Any] = {"progress": {k: v for k, v in progress.items() if v is not None}}
-    ckpt = doc.get("last_checkpoint")
-    if isinstance(ckpt, dict) and ckpt.get("uri"):
-        out["last_checkpoint"] = {"uri": str(ckpt["uri"]), "step": int(ckpt.get("step") or 0)}
+    step, total = doc.step, doc.total_steps
+    percent = doc.percent or (100 * step // total if total else 0)
+    progress = Progress(
+        step=step, total_steps=total, percent=percent,
+        summary=f"{percent}% ({step}/{total})" if total else f"step {step}",
+        epoch=doc.epoch, loss=doc.loss, tokens_per_second=doc.tokens_per_second,
+        eta_seconds=doc.eta_seconds, rewards=doc.rewards, state=doc.state,
+    )  # fmt: skip
+    out: dict[str, Any] = {"progress": progress.model_dump(mode="json", exclude_none=True)}
+    if doc.last_checkpoint is not None and doc.last_checkpoint.uri:
+        out["last_checkpoint"] = doc.last_checkpoint.model_dump(mode="json", exclude_none=True)
     return out
 
 
