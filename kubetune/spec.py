@@ -763,7 +763,9 @@ class FineTuneJobSpec(_Model):
         return self
 
     def checkpoint_uri(self) -> str:
-        return self.checkpoint.uri or f"{self.output.uri.rstrip('/')}/checkpoints"
+        from kubetune.locations import default_checkpoint_uri
+
+        return self.checkpoint.uri or default_checkpoint_uri(self.output.uri)
 
     def dataset_format(self) -> str:
         """The format dataset.uri is read as (kubetune.methods.main_format: `auto` resolved where the method

@@ -44,9 +44,9 @@ if TYPE_CHECKING:
 
 
 def default_workdir(job: FineTuneJob) -> Path:
-    from kubetune_trainer.model_loading import cache_root
+    from kubetune.locations import work_dir
 
-    return cache_root() / "work" / job.metadata.name
+    return work_dir(job.metadata.name)
 
 
 def run_job(job: FineTuneJob, workdir: Path) -> TrainResult:

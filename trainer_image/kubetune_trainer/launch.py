@@ -42,11 +42,12 @@ from typing import IO, Any
 import yaml
 
 from kubetune.conventions import ENV_AGENT_PID, ENV_RESTART, EXIT_PREEMPTED, EXIT_USER_ERROR
+from kubetune.locations import WORK_DIRS
 from kubetune.validate import apply_profile, load_job, load_jobs_text, load_profile
 
 RUN_LOG = "run.log"
 _KEEP_RUNS = 10  # work directories of earlier runs of a job kept (their logs)
-_BULKY = ("checkpoints", "resume", "upload-staging", "output")  # of a finished or dead run
+_BULKY = WORK_DIRS  # of a finished or dead run
 
 
 def _default_nproc(force_cpu: bool = False) -> tuple[int, str]:
@@ -136,9 +137,9 @@ def preflight(job: Any, *, nproc: int, device: str, gpus_here: int, explicit_npr
 
 def new_run_dir(job: Any) -> Path:
     """A fresh work directory for this run; earlier runs' bulky leftovers are removed."""
-    from kubetune_trainer.model_loading import cache_root
+    from kubetune.locations import work_dir
 
-    parent = cache_root() / "work" / job.metadata.name
+    parent = work_dir(job.metadata.name)
     parent.mkdir(parents=True, exist_ok=True)
     _prune_runs(parent)
     stamp = time.strftime("%Y%m%d-%H%M%S")
