@@ -6,6 +6,8 @@
 - `process_tree(pid)`: every live descendant of a process, found through /proc (torchrun starts
   its workers in sessions of their own, so process groups do not find them).
 - `cli_env(tmp)`: the environment for a run that keeps its caches under `tmp`.
+- `step_delay_env(seconds, env)`: `env` for processes whose training steps each take `seconds` longer
+  (tests/step_delay/sitecustomize.py), so a kill lands mid-training.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
         env.pop(k, None)
     env.update(extra)
     return env
+
+
+STEP_DELAY_DIR = str(Path(__file__).resolve().parent / "step_delay")
+
+
+def step_delay_env(seconds: float, env: dict[str, str] | None = None) -> dict[str, str]:
+    """What to add to (or set in) a process environment so that every training step sleeps `seconds`."""
+    base = dict(env or {})
+    path = base.get("PYTHONPATH", os.environ.get("PYTHONPATH", "") if env is None else "")
+    base["PYTHONPATH"] = os.pathsep.join(p for p in (STEP_DELAY_DIR, path) if p)
+    base["KUBETUNE_TEST_STEP_DELAY"] = str(seconds)
+    return base
 
 
 def kubetune(

@@ -28,7 +28,7 @@ from kubetune_trainer.lease import (
     LeaseRecord,
     lease_seconds,
 )
-from tests.fixtures_cli import alive, cli_env, kubetune, process_tree, start_kubetune
+from tests.fixtures_cli import alive, cli_env, kubetune, process_tree, start_kubetune, step_delay_env
 from tests.fixtures_train import write_job_file
 
 BACKENDS = ["file", "s3"]
@@ -158,7 +158,7 @@ def test_a_second_writer_is_refused_and_kill_9_of_kubetune_run_ends_the_tree_and
         "run",
         str(job),
         cwd=tmp_path,
-        env={**env, "KUBETUNE_TEST_STEP_DELAY": "2"},
+        env=step_delay_env(2, env),
         log=tmp_path / "first.log",
     )
     try:
@@ -208,7 +208,7 @@ def test_a_second_ctrl_c_stops_the_whole_tree_at_once(train_job: Any, tmp_path: 
         train_job(tmp_path / "out", name="c", training={"max_steps": 200}), tmp_path / "job.yaml",
         checkpoint={"every_steps": 2, "sigterm_grace_seconds": 60},
     )  # fmt: skip
-    env = cli_env(tmp_path, KUBETUNE_TEST_STEP_DELAY="1")
+    env = step_delay_env(1, cli_env(tmp_path))
     run = start_kubetune("run", str(job), cwd=tmp_path, env=env, log=tmp_path / "run.log")
     try:
         _wait("training", lambda: "step 2/200" in run.log_text(), 300, run)

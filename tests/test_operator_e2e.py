@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures_cli import step_delay_env
 from tests.fixtures_kube import Cluster, free_port
 from tests.kubelet import Kubelet, wait_for
 
@@ -32,7 +33,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def real_kubelet(cluster: Cluster) -> Iterator[Kubelet]:
     """Pods run their own command (the rendered torchrun line), slowed so a kill lands mid-training."""
-    env = {"KUBETUNE_TEST_STEP_DELAY": "0.3", "OMP_NUM_THREADS": "1"}
+    env = {**step_delay_env(0.3), "OMP_NUM_THREADS": "1"}
     with Kubelet(cluster.api.url, cluster.workdir / "node", extra_env=env, ports={29500: free_port()}) as k:
         yield k
 

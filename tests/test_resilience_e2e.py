@@ -3,7 +3,7 @@
 Every run is the real pod command, `python -m kubetune_trainer.supervise -- torchrun ... -m
 kubetune_trainer --config job.yaml`, with checkpoints and output in SeaweedFS. A relaunch gets a
 fresh KUBETUNE_CACHE_DIR (a new pod: nothing local survives), so it can only resume from S3.
-$KUBETUNE_TEST_STEP_DELAY makes steps slow enough for a kill to land mid-training.
+Steps are slowed (tests.fixtures_cli.step_delay_env) so that a kill lands mid-training.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import yaml
 
 from kubetune.conventions import EXIT_PREEMPTED, EXIT_USER_ERROR
 from kubetune_trainer import checkpoints as ck
+from tests.fixtures_cli import step_delay_env
 from tests.fixtures_s3 import free_port
 
 pytestmark = pytest.mark.slow
@@ -107,11 +108,11 @@ class Env:
         env.update(
             {
                 "KUBETUNE_CACHE_DIR": str(cache_dir),
-                "KUBETUNE_TEST_STEP_DELAY": str(delay),
                 "OMP_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        env = step_delay_env(delay, env) if delay else env
         cmd = [
             sys.executable,
             "-m",
