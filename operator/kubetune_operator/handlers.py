@@ -475,12 +475,15 @@ def on_change(name: str, namespace: str, memo: kopf.Memo, reason: str, **_: Any)
 
 @kopf.on.event(*JOBS)
 def on_job_event(event: dict, body: kopf.Body, **_: Any) -> None:
-    """Keep the periodic loop's list of jobs current (kopf's watch sees every job it serves)."""
+    """Keep the periodic loop's list of jobs and the per-job metrics current (kopf's watch sees
+    every job it serves)."""
     key = (body.metadata.namespace, body.metadata.name)
     if event.get("type") == "DELETED":
         _jobs.pop(key, None)
+        metrics.forget_job(*key)
     else:
         _jobs[key] = (dict(body.get("status") or {}), dict(body.get("spec") or {}))
+        metrics.observe_job(*key, _jobs[key][0])
 
 
 # ---------------------------------------------------------------- the periodic loop
