@@ -1,5 +1,7 @@
 """Fixtures for operator tests: an API server (tests/kube_api.py) with the FineTuneJob CRD, a kubelet
-stand-in (tests/kubelet.py), and the operator itself, in-process (KopfRunner) or as a process."""
+stand-in (tests/kubelet.py), and the operator itself, in-process (KopfRunner) or as a process; for the
+end-to-end tests, `real_kubelet` (pods run their real command, steps slowed) and `lora_job` (a
+two-node LoRA FineTuneJob on the tiny model with S3 checkpoints)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import kubernetes
 import pytest
 import yaml
 
+from tests.fixtures_cli import step_delay_env
 from tests.kube_api import RunningAPI
 from tests.kubelet import Kubelet, wait_for
 
@@ -214,3 +217,40 @@ def operator_process(cluster: Cluster) -> Iterator[OperatorProcess]:
 
 def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
+
+
+# ---------------------------------------------------------------- the real trainer in pods
+
+
+@pytest.fixture
+def real_kubelet(cluster: Cluster) -> Iterator[Kubelet]:
+    """Pods run their own command (the rendered torchrun line), slowed so a kill lands mid-training."""
+    env = {**step_delay_env(0.3), "OMP_NUM_THREADS": "1"}
+    with Kubelet(cluster.api.url, cluster.workdir / "node", extra_env=env, ports={29500: free_port()}) as k:
+        yield k
+
+
+def lora_job(name: str, model: Path, s3: Any) -> dict:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "model": {"uri": str(model)},
+            "dataset": {"uri": str(ROOT / "examples/data/alpaca_en_200.json"), "format": "alpaca"},
+            "pet_config": {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+            "training": {
+                "learning_rate": 3e-3,
+                "max_steps": 16,
+                "per_device_train_batch_size": 2,
+                "seq_length": 128,
+                "precision": "fp32",
+                "logging_steps": 1,
+            },  # fmt: skip
+            "parallel_config": {"nnodes": 2},
+            "checkpoint": {"every_steps": 4, "keep_last": 2},
+            "storage": {"s3": {"endpoint": s3.endpoint, "credentials_secret": "s3-credentials"}},
+            "output": {"uri": s3.uri(f"jobs/{name}")},
+            "restart_policy": {"max_restarts": 2, "backoff_seconds": 1},
+        },
+    }

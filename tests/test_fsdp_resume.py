@@ -22,8 +22,7 @@ import yaml
 
 from kubetune.conventions import EXIT_PREEMPTED
 from kubetune_trainer import checkpoints as ck
-from tests.fixtures_s3 import free_port
-from tests.test_resilience_e2e import (
+from tests.fixtures_resilience import (
     REL_TOL,
     Env,
     committed_steps,
@@ -35,6 +34,7 @@ from tests.test_resilience_e2e import (
     wait_until,
     worker_pids,
 )
+from tests.fixtures_s3 import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -8,14 +8,12 @@ import base64
 import json
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fixtures_cli import step_delay_env
-from tests.fixtures_kube import Cluster, free_port
+from tests.fixtures_kube import Cluster, lora_job
 from tests.kubelet import Kubelet, wait_for
 
 pytestmark = pytest.mark.slow
@@ -28,40 +26,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kubetune_trainer.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", hidden_size=64, num_layers=2)
-
-
-@pytest.fixture
-def real_kubelet(cluster: Cluster) -> Iterator[Kubelet]:
-    """Pods run their own command (the rendered torchrun line), slowed so a kill lands mid-training."""
-    env = {**step_delay_env(0.3), "OMP_NUM_THREADS": "1"}
-    with Kubelet(cluster.api.url, cluster.workdir / "node", extra_env=env, ports={29500: free_port()}) as k:
-        yield k
-
-
-def lora_job(name: str, model: Path, s3: Any) -> dict:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "model": {"uri": str(model)},
-            "dataset": {"uri": str(ROOT / "examples/data/alpaca_en_200.json"), "format": "alpaca"},
-            "pet_config": {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-            "training": {
-                "learning_rate": 3e-3,
-                "max_steps": 16,
-                "per_device_train_batch_size": 2,
-                "seq_length": 128,
-                "precision": "fp32",
-                "logging_steps": 1,
-            },  # fmt: skip
-            "parallel_config": {"nnodes": 2},
-            "checkpoint": {"every_steps": 4, "keep_last": 2},
-            "storage": {"s3": {"endpoint": s3.endpoint, "credentials_secret": "s3-credentials"}},
-            "output": {"uri": s3.uri(f"jobs/{name}")},
-            "restart_policy": {"max_restarts": 2, "backoff_seconds": 1},
-        },
-    }
 
 
 def test_two_node_lora_job_survives_a_killed_pod(

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures_kube import Cluster
+from tests.fixtures_kube import Cluster, lora_job
 from tests.kubelet import Kubelet, wait_for
 from tests.test_dpo import write_preferences
-from tests.test_operator_e2e import lora_job, real_kubelet  # noqa: F401 - real_kubelet is a fixture
 
 pytestmark = pytest.mark.slow
 

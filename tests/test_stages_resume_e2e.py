@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from kubetune_trainer import checkpoints as ck
-from tests.test_dpo import write_preferences
-from tests.test_resilience_e2e import (
+from tests.fixtures_resilience import (
     Env,
     committed_steps,
     progress,
@@ -29,6 +28,7 @@ from tests.test_resilience_e2e import (
     wait_until,
     worker_pids,
 )
+from tests.test_dpo import write_preferences
 
 pytestmark = pytest.mark.slow
 

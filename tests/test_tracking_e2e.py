@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures_s3 import free_port
-from tests.test_resilience_e2e import (
+from tests.fixtures_resilience import (
     MAX_STEPS,
     Env,
     committed_steps,
@@ -32,6 +31,7 @@ from tests.test_resilience_e2e import (
     wait_until,
     worker_pids,
 )
+from tests.fixtures_s3 import free_port
 
 pytestmark = pytest.mark.slow
 
