@@ -65,16 +65,25 @@ class Source:
     def has_adapter(self) -> bool:
         return (self.path / "adapter_config.json").is_file()
 
-    def base_model(self, override: str | None) -> str | None:
-        """The base model's URI: --base, else what the adapter records, else the job's spec.model.uri."""
+    def base_models(self, override: str | None) -> list[str]:
+        """Where the base model may be: --base alone if given, else what the adapter records (peft's
+        ``base_model_name_or_path``), then the job's spec.model.uri a checkpoint records."""
         if override:
-            return override
+            return [override]
+        out = []
         config = self.path / "adapter_config.json"
         if config.is_file():
             recorded = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
             if recorded:
-                return str(recorded)
-        return (self.recorded.get("model") or {}).get("uri")
+                out.append(str(recorded))
+        uri = (self.recorded.get("model") or {}).get("uri")
+        if uri and uri not in out:
+            out.append(str(uri))
+        return out
+
+    def base_model(self, override: str | None) -> str | None:
+        found = self.base_models(override)
+        return found[0] if found else None
 
     def spec(self) -> FineTuneJobSpec | None:
         """The job's spec as far as the checkpoint recorded it (model, data, method, pet_config,
@@ -262,15 +271,21 @@ def base_model_dir(source: Source, base: str | None, s3: S3Storage | None) -> Pa
     """The base model a LoRA or FSDP source needs, local (fetched if it is s3:// or hf://)."""
     from kubetune_trainer.model_loading import resolve_model_dir
 
-    ref = source.base_model(base)
-    if not ref:
+    refs = source.base_models(base)
+    if not refs:
         raise JobError(f"{source.uri}: no base model recorded; pass --base MODEL")
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        return local
-    scheme = ref.split("://", 1)[0] if "://" in ref else None
-    uri = ref if scheme else f"hf://{ref}"  # peft records hub models as their id
-    return resolve_model_dir(uri, s3=s3, field="--base" if base else "the adapter's base_model_name_or_path")
+    field = "--base" if base else f"{source.uri}: the base model"
+    for ref in refs:
+        local = Path(ref).expanduser()
+        if local.is_dir():
+            return local
+        if "://" in ref:
+            return resolve_model_dir(ref, s3=s3, field=field)
+        if not ref.startswith(("/", ".", "~")) and ref.count("/") == 1:  # peft records hub models by id
+            return resolve_model_dir(f"hf://{ref}", s3=s3, field=field)
+    if base:
+        raise JobError(f"--base: {base}: no such directory")
+    raise JobError(f"{source.uri}: its base model is not here ({', '.join(refs)}); pass --base MODEL")
 
 
 def load_tokenizer_for(source: Source, base_dir: Path | None) -> Any:
