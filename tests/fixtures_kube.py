@@ -254,3 +254,14 @@ def lora_job(name: str, model: Path, s3: Any) -> dict:
             "restart_policy": {"max_restarts": 2, "backoff_seconds": 1},
         },
     }
+
+
+def kopf_parses(argv: list[str]) -> dict[str, Any]:
+    """Parse a rendered `kopf run ...` argv with kopf's own CLI definition (no operator starts): a bad
+    flag raises."""
+    from kopf.cli import main as kopf_cli
+
+    assert argv[0] == "kopf"
+    run = kopf_cli.commands[argv[1]]
+    ctx = run.make_context("kopf run", list(argv[2:]), resilient_parsing=False)
+    return ctx.params

@@ -11,8 +11,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from kopf.cli import main as kopf_cli
 
+from tests.fixtures_kube import kopf_parses
 from tests.kube_checks import K8S_VERSIONS, name_problems, restricted_problems, validate_strict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,18 +167,10 @@ def test_deployment_runs_kopf_on_the_operator_module(chart):
     assert pod["spec"]["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
 
 
-def _kopf_parses(argv: list[str]) -> dict[str, Any]:
-    """Parse argv with kopf's own CLI definition (no operator starts): a bad flag raises."""
-    assert argv[0] == "kopf"
-    run = kopf_cli.commands[argv[1]]
-    ctx = run.make_context("kopf run", list(argv[2:]), resilient_parsing=False)
-    return ctx.params
-
-
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_kopf_accepts_the_rendered_command_line(chart, values):
     ctr = _container(render(chart, values))
-    params = _kopf_parses(ctr["command"] + ctr["args"])
+    params = kopf_parses(ctr["command"] + ctr["args"])
     assert params["standalone"] is True
     assert params["modules"] == ("kubetune_operator.handlers",)
     assert params["liveness_endpoint"] == "http://0.0.0.0:8080/healthz"
@@ -191,7 +183,7 @@ def test_kopf_accepts_the_rendered_command_line(chart, values):
 
 def test_kopf_parser_rejects_a_bad_flag():
     with pytest.raises(Exception, match="no-such-flag"):
-        _kopf_parses(["kopf", "run", "--no-such-flag"])
+        kopf_parses(["kopf", "run", "--no-such-flag"])
 
 
 def test_log_levels_map_to_kopf_flags(chart):

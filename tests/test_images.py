@@ -28,7 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from kubetune.validate import load_jobs
 from kubetune_operator import render
-from tests.test_helm import _kopf_parses
+from tests.fixtures_kube import kopf_parses
 
 ROOT = Path(__file__).resolve().parents[1]
 OPERATOR = ROOT / "Dockerfile"
@@ -138,7 +138,7 @@ def test_operator_image_installs_only_the_operator_extra():
 
 def test_operator_image_command_is_the_charts_and_kopf_accepts_it():
     cmd = exec_form(OPERATOR, "CMD")
-    params = _kopf_parses(cmd)
+    params = kopf_parses(cmd)
     assert params["standalone"] and params["clusterwide"]
     assert params["liveness_endpoint"] == "http://0.0.0.0:8080/healthz"
     with helm.Chart.load(ROOT / "helm" / "kubetune") as chart:
