@@ -16,7 +16,7 @@ from kubetune.profile_spec import FineTuneProfile
 from kubetune.profiles import resolve, select_profile
 from kubetune.spec import FineTuneJobSpec
 from tests import crd_admission, policy_admission
-from tests.test_profiles import JOB, OVER, PROFILE
+from tests.fixtures_profiles import JOB, OVER, PROFILE
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = build_policy()
