@@ -8,7 +8,7 @@ import pytest
 
 from tests.fixtures_cli import kubetune
 
-SUBCOMMANDS = ["validate", "crd", "render", "run", "inspect-data", "status"]
+SUBCOMMANDS = ["validate", "crd", "render", "run", "inspect-data", "status", "chat", "export", "examples"]
 
 
 def test_no_arguments_prints_the_help_not_an_error() -> None:
