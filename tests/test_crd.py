@@ -15,7 +15,7 @@ from kubetune import spec as s
 from kubetune.crd import render_crd_yaml
 from kubetune.validate import SpecError, load_jobs_text, load_yaml_documents
 from tests import crd_admission as api
-from tests.test_validate import BAD_COMBINATIONS, BAD_FIELDS, BASE, EXAMPLES, _set
+from tests.fixtures_spec import BAD_COMBINATIONS, BAD_FIELDS, BASE, EXAMPLES, set_field
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_examples_are_admitted_by_the_crd(path: Path) -> None:
 
 @pytest.mark.parametrize("case,path,value,field,words", BAD_FIELDS, ids=[c[0] for c in BAD_FIELDS])
 def test_schema_rejects_bad_field_too(case: str, path: str, value: Any, field: str, words: str) -> None:
-    doc = _set(BASE, path, value)
+    doc = set_field(BASE, path, value)
     _, problems = api.admit(doc)
     python_rejects = True
     try:
@@ -139,18 +139,18 @@ def test_cel_rules_accept_every_example() -> None:
 
 def test_immutable_fields_are_rejected_on_update_but_suspend_is_not() -> None:
     old, _ = api.admit(BASE)
-    changed = _set(old, "spec.pet_config.lora_rank", 32)
+    changed = set_field(old, "spec.pet_config.lora_rank", 32)
     _, problems = api.admit(changed, old)
     assert problems == [
         "spec.pet_config: pet_config is immutable once the job exists; create a new FineTuneJob instead"
     ]
-    _, problems = api.admit(_set(old, "spec.suspend", True), old)
+    _, problems = api.admit(set_field(old, "spec.suspend", True), old)
     assert problems == []
 
 
 def test_target_modules_accepts_string_or_list_only() -> None:
     for value, ok in [("all-linear", True), (["q_proj", "v_proj"], True), (["q_proj", 3], False), (7, False)]:
-        _, problems = api.admit(_set(BASE, "spec.pet_config.target_modules", value))
+        _, problems = api.admit(set_field(BASE, "spec.pet_config.target_modules", value))
         assert (problems == []) is ok, (value, problems)
 
 
@@ -166,7 +166,7 @@ HOSTILE_CEL_CASES = [
     "case,path,value,field,words", HOSTILE_CEL_CASES, ids=[c[0] for c in HOSTILE_CEL_CASES]
 )
 def test_field_rules_say_what_validate_says(case: str, path: str, value: Any, field: str, words: str) -> None:
-    doc = _set(BASE, path, value)
+    doc = set_field(BASE, path, value)
     _, problems = api.admit(doc)
     with pytest.raises(SpecError) as e:
         load_jobs_text(yaml.safe_dump(doc))
@@ -181,7 +181,7 @@ GOOD_NAMES = ["a", "7b-lora", "j" * 63, "qwen25-7b-lora"]
 
 @pytest.mark.parametrize("name", BAD_NAMES + GOOD_NAMES, ids=[n[:20] for n in BAD_NAMES + GOOD_NAMES])
 def test_job_names_are_checked_at_admission_like_validate(name: str) -> None:
-    doc = _set(BASE, "metadata.name", name)
+    doc = set_field(BASE, "metadata.name", name)
     _, problems = api.admit(doc)
     try:
         load_jobs_text(yaml.safe_dump(doc))

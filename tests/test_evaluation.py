@@ -17,7 +17,7 @@ import yaml
 from kubetune.evaluation import EvaluationResults
 from kubetune.validate import SpecError, load_jobs_text
 from tests import crd_admission as api
-from tests.test_validate import BASE
+from tests.fixtures_spec import BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 HUANHUAN = ROOT / "examples/data/huanhuan_20.json"  # Chat-甄嬛 (datawhalechina/self-llm), see its README
