@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetune.locations import CACHE_FETCHED_DIR
 from tests.fixtures_cli import cli_env
 from tests.fixtures_train import on_small_disk, write_job_file
 
@@ -74,7 +75,7 @@ def test_a_model_larger_than_the_free_scratch_space_is_refused_before_the_downlo
     p = run(on_small_disk(small, "1m", trainer(config, {})), cli_env(tmp_path, KUBETUNE_CACHE_DIR=str(small)))
     line = one_line_error(p)
     assert line.startswith(f"kubetune: error: spec.model.uri: downloading {s3.uri('models/tiny')}: ")
-    assert f"not enough disk space in {small / 'models'} (needs 1.6 MB, 1.0 MB free)" in line
+    assert f"not enough disk space in {small / CACHE_FETCHED_DIR} (needs 1.6 MB, 1.0 MB free)" in line
     assert "spec.resources.scratch_size" in line
 
 

@@ -177,7 +177,7 @@ def fetch(
         files = {k: listing[k] for k in keys}
         record = {"uri": uri, "listing": listing, "single": single}
         fetch_tree(
-            store, files, dest, record=record, what=f"{_at(field)}fetching {uri}", verify=verify,
+            store, files, dest, record=record, what=f"{_at(field)}downloading {uri}", verify=verify,
             reuse=lambda m: covered(m) and set(m.get("listing") or {}) == set(listing),
         )  # fmt: skip
     except IncompleteFetch as e:
