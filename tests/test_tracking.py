@@ -88,6 +88,25 @@ def test_tracking_defaults_to_nothing() -> None:
     assert report_to(FineTuneJob.model_validate(job_with(TRACKED)).spec) == ["tensorboard", "mlflow", "wandb"]
 
 
+@pytest.mark.parametrize("tracker,package", [("tensorboard", "tensorboard"), ("mlflow", "mlflow-skinny"),
+                                              ("wandb", "wandb")])  # fmt: skip
+def test_a_trainer_without_the_trackers_package_refuses_the_job_naming_the_field(
+    tracker: str, package: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from kubetune_trainer.errors import JobError
+    from kubetune_trainer.tracking import check_installed
+
+    spec = FineTuneJob.model_validate(job_with(TRACKED)).spec
+    check_installed(spec)  # the dev install has them all
+    monkeypatch.setitem(sys.modules, tracker, None)  # how Python marks a module as not importable
+    with pytest.raises(JobError) as e:
+        check_installed(spec)
+    assert str(e.value).startswith(f"spec.tracking.{tracker}: the trainer has no {package} package")
+    assert "kubetune[trainer,tracking]" in str(e.value)
+
+
 def _env(pod: dict) -> dict[str, dict]:
     return {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
 

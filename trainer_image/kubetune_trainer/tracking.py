@@ -283,7 +283,12 @@ def upload_tensorboard(store: ObjectStore, output_dir: Path) -> None:
     if not local.is_dir():
         return
     try:
-        store.upload_dir(local, TENSORBOARD_DIR)
+        # only what grew since the last commit (the current writer's file); earlier attempts' are there
+        there = store.sizes(f"{TENSORBOARD_DIR}/")
+        unchanged = [
+            p.name for p in local.iterdir() if there.get(f"{TENSORBOARD_DIR}/{p.name}") == p.stat().st_size
+        ]
+        store.upload_dir(local, TENSORBOARD_DIR, exclude=unchanged)
     except (StoreError, OSError) as e:
         log.warning("could not upload %s: %s", store.uri_for(TENSORBOARD_DIR), e)
 
