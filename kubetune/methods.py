@@ -63,7 +63,8 @@ class Method:
     reference_model: bool  # scores the policy against a frozen reference model
     streaming: bool  # dataset.streaming: read lazily (needs training.max_steps)
     packing: bool  # training.packing applies
-    replies: bool  # its rows end in replies an evaluation can compare generations with
+    # trains replies in a chat template: the export records the template, an evaluation compares replies
+    chat: bool
     example: str  # a job for a cluster, under examples/
     local_example: str  # the same method on the tiny model and shipped data (`kubetune run`)
 
@@ -89,7 +90,7 @@ METHODS: dict[str, Method] = {
             reference_model=False,
             streaming=False,
             packing=True,
-            replies=True,
+            chat=True,
             example="examples/sft-lora.yaml",
             local_example="examples/local-lora.yaml",
         ),
@@ -106,7 +107,7 @@ METHODS: dict[str, Method] = {
             reference_model=True,
             streaming=False,
             packing=False,
-            replies=True,
+            chat=True,
             example="examples/dpo.yaml",
             local_example="examples/local-dpo.yaml",
         ),
@@ -123,7 +124,7 @@ METHODS: dict[str, Method] = {
             reference_model=False,
             streaming=True,
             packing=True,
-            replies=False,
+            chat=False,
             example="examples/pretrain.yaml",
             local_example="examples/local-pretrain.yaml",
         ),

@@ -841,7 +841,7 @@ class Rule:
 # spec.method x spec.dataset.format, generated from the table of methods (kubetune/methods.py)
 _FORMAT_RULES = [Rule("spec", r.path, r.cel, r.message, r.check) for r in _methods.format_rules()]
 # methods whose data has no replies to compare an evaluation's generations with
-_NO_REPLIES = tuple(m.name for m in _methods.METHODS.values() if not m.replies)
+_NO_REPLIES = tuple(m.name for m in _methods.METHODS.values() if not m.chat)
 
 CROSS_FIELD_RULES: list[Rule] = [
     Rule(

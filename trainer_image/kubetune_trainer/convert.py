@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from kubetune import methods
 from kubetune.conventions import ADAPTER_DIR, CHECKPOINTS_DIR, COMMITTED_FILE, MERGED_DIR
 from kubetune.uris import parse_uri
 from kubetune_trainer.errors import JobError
@@ -308,7 +309,7 @@ def load_tokenizer_for(source: Source, base_dir: Path | None) -> Any:
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     spec = source.spec()
-    if spec is not None and spec.method != "pretrain":
+    if spec is not None and methods.method(spec.method).chat:
         from kubetune_trainer.chat_render import training_chat_template
 
         tok.chat_template = training_chat_template(

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune import methods
 from kubetune.conventions import ADAPTER_DIR, MERGED_DIR
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def save_tokenizer(tokenizer: Any, spec: FineTuneJobSpec, directory: Path) -> No
     tokenizer's own, with the job's system_prompt), so whatever prompts the export prompts it as trained."""
     from kubetune_trainer.chat_render import training_chat_template
 
-    if spec.method == "pretrain":  # plain text: no conversation rendering to record
+    if not methods.method(spec.method).chat:  # plain text (pretrain): no conversation rendering to record
         tokenizer.save_pretrained(directory)
         return
     kept = tokenizer.chat_template
