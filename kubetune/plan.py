@@ -33,6 +33,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from kubetune import methods
+
 GIB = 2**30
 
 # Marketing names of GPUs without their memory in the product label (nvidia.com/gpu.product as
@@ -141,7 +143,7 @@ def estimate(m: Measured, s: Setup) -> Estimate:
     world = s.world
     fsdp = s.strategy == "fsdp" and world > 1
     w = world if fsdp else 1
-    batch = s.batch * (2 if s.method == "dpo" else 1)  # dpo: chosen and rejected in one forward
+    batch = s.batch * (2 if methods.method(s.method).preference else 1)  # chosen and rejected in one forward
     terms = {
         "weights": sharded_bytes(m.weights, w),
         "adapter": sharded_bytes(m.adapter, w),
@@ -153,7 +155,7 @@ def estimate(m: Measured, s: Setup) -> Estimate:
     }
     notes = {k: v + (f", sharded over {world}" if fsdp and k in terms else "") for k, v in m.notes.items()}
     notes |= {
-        "activations": f"batch {s.batch}{' x 2 (chosen, rejected)' if s.method == 'dpo' else ''} x "
+        "activations": f"batch {s.batch}{' x 2 (chosen, rejected)' if methods.method(s.method).preference else ''} x "
         f"{s.seq_length} tokens, {'with' if s.gradient_checkpointing else 'no'} gradient checkpointing",
     }
     if m.reference:
@@ -315,7 +317,7 @@ def step_seconds(m: Measured, s: Setup, tflops: float) -> float:
     per_token = 6 * m.trainable_params + 4 * frozen + 12 * m.shape.layers * m.shape.hidden * s.seq_length
     if s.gradient_checkpointing:
         per_token += 2 * m.total_params
-    tokens = s.batch * s.seq_length * s.accumulation * (2 if s.method == "dpo" else 1)
+    tokens = s.batch * s.seq_length * s.accumulation * (2 if methods.method(s.method).preference else 1)
     return tokens * per_token / (tflops * 1e12)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune import methods
 from kubetune import plan as core
 from kubetune.uris import parse_uri
 from kubetune_trainer.errors import JobError
@@ -290,7 +291,8 @@ def measure(spec: FineTuneJobSpec, config: Any, device: str) -> core.Measured:
     )
     total, n_trainable = pet.count_parameters(model)[::-1]
     reference = 0
-    if spec.method == "dpo":  # TRL's reference: a frozen copy of the adapter, or the base again
+    # TRL's reference: a frozen copy of the adapter, or the base again
+    if methods.method(spec.method).reference_model:
         if plan.uses_adapter:
             reference = core.sharded_bytes(_rows(groups["adapter"]), 1)
         else:
