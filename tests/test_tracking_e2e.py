@@ -111,7 +111,7 @@ def test_killed_and_resumed_job_is_one_run_in_mlflow_tensorboard_and_wandb(
 
     env = Env(s3_server, s3_server.new_bucket(), tmp_path, tiny_model)
     config = tracked_job(env, "kill", mlflow_server)
-    p = env.launch(config, nproc=1)
+    p = env.launch(config, nproc=1, delay=0.5)  # steps slow enough to stop it between two commits
     wait_until(lambda: any(s >= 4 for s in committed_steps(env, "kill")), 180, "checkpoint step 4", (p,))
     local_tb = tmp_path / "pod-1/work/kill/output/tensorboard"
     pid = wait_until(lambda: worker_pids(p).get(0), 10, "the trainer's pid")
@@ -128,7 +128,7 @@ def test_killed_and_resumed_job_is_one_run_in_mlflow_tensorboard_and_wandb(
         os.kill(pid, signal.SIGCONT)  # a commit came first: try again further on
     assert wait(p) != 0
     first_ids = json.loads(env.store("jobs/kill").get_bytes("tracking.json"))
-    p2 = relaunch_until_done(env, config, nproc=1)
+    p2 = relaunch_until_done(env, config, nproc=1, delay=0)
     resumed = progress(env, "kill")["resumed_from"]
     assert resumed is not None and resumed["step"] == committed, (resumed, committed, tail(p2))
     losses = step_losses(env, "kill")  # what the trainer logged, from its last checkpoint
@@ -163,15 +163,15 @@ def test_killed_and_resumed_job_is_one_run_in_mlflow_tensorboard_and_wandb(
     assert [e.step for e in scalars] == list(range(1, MAX_STEPS + 1))
     assert all(e.value == pytest.approx(losses[e.step], rel=1e-4) for e in scalars)
 
-    # W&B offline: the killed attempt's run dir (its pod's local output) and the resumed one (uploaded
-    # with the output) carry the same run id
+    # W&B offline: the killed attempt's run dir (it went to the store with its committed checkpoint)
+    # and the resumed one (uploaded with the output) carry the same run id
     wid = first_ids["wandb"]["run_id"]
     killed = list((tmp_path / "pod-1/work/kill/output/wandb").glob(f"offline-run-*-{wid}"))
     assert len(killed) == 1 and (killed[0] / f"run-{wid}.wandb").is_file(), killed
-    uploaded = {
-        k.split("/")[1] for k in env.store("jobs/kill").list("wandb/") if k.endswith(f"run-{wid}.wandb")
-    }
-    assert len(uploaded) == 1 and uploaded.pop().endswith(f"-{wid}"), env.store("jobs/kill").list("wandb/")
+    keys = env.store("jobs/kill").list("wandb/")
+    uploaded = sorted(k.split("/")[1] for k in keys if k.endswith(f"/run-{wid}.wandb"))
+    assert len(uploaded) == 2 and killed[0].name in uploaded, keys
+    assert all(name.endswith(f"-{wid}") for name in uploaded)
     assert json.loads(env.store("jobs/kill").get_bytes("tracking.json")) == first_ids
     print(
         f"killed at step {killed_at}, after checkpoint {committed}; MLflow run {run.info.run_id}: "

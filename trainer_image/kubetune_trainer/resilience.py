@@ -461,8 +461,7 @@ class Resilience:
                     self.out_store.put_bytes(METRICS_FILE, data)
                 except StoreError as e:
                     log.warning("could not upload %s: %s", METRICS_FILE, e)
-            if self.spec.tracking.tensorboard:
-                tracking.upload_tensorboard(self.out_store, self.output_dir)
+            tracking.upload_logs(self.out_store, self.output_dir, self.spec)  # TensorBoard, W&B offline
 
     # ------------------------------------------------------------ SIGTERM, SIGINT
     def _on_signal(self, signum: int, frame: Any) -> None:

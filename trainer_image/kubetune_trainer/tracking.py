@@ -22,9 +22,10 @@ What kubetune adds is that a job is ONE run however often it restarts:
   file whose writer purges from the resume step on (``SummaryWriter(purge_step=)``, TensorBoard's own
   restart marker), so readers see every step once and the step numbers continue. For s3:// outputs
   the event files go to the store with every committed checkpoint and with the output, and a new pod
-  fetches them first (:func:`restore_tensorboard`, :func:`upload_tensorboard`).
+  fetches them first (:func:`restore_tensorboard`, :func:`upload_logs`).
 - W&B offline runs (``mode: offline``) are written under ``<output>/wandb`` (``wandb sync`` them
-  later); online runs keep their local files in the node's scratch.
+  later; for s3:// outputs they go up with every commit too, one directory per attempt, all with the
+  job's run id); online runs keep their local files in the node's scratch.
 
 Credentials are the pods' environment (``MLFLOW_TRACKING_USERNAME`` / ``PASSWORD`` or ``TOKEN``,
 ``WANDB_API_KEY``), rendered by the operator from the Secrets the spec names; never in the spec.
@@ -45,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from kubetune.conventions import TENSORBOARD_DIR, TRACKING_FILE
+
+WANDB_DIR = "wandb"  # what wandb makes under $WANDB_DIR
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJob, FineTuneJobSpec
@@ -275,22 +278,32 @@ def start(
 # ---------------------------------------------------------------- s3:// outputs
 
 
-def upload_tensorboard(store: ObjectStore, output_dir: Path) -> None:
-    """The event files as far as they are written, to <output>/tensorboard/ (called on every commit)."""
+def upload_logs(store: ObjectStore, output_dir: Path, spec: FineTuneJobSpec) -> None:
+    """On every commit: the TensorBoard event files and W&B offline runs as far as they are written, to
+    <output>/tensorboard/ and <output>/wandb/, so a killed pod's part of the curve is not lost."""
+    t = spec.tracking
+    if t.tensorboard:
+        _upload_grown(store, Path(output_dir), TENSORBOARD_DIR)
+    if t.wandb is not None and t.wandb.mode == "offline":
+        _upload_grown(store, Path(output_dir), WANDB_DIR)
+
+
+def _upload_grown(store: ObjectStore, output_dir: Path, sub: str) -> None:
+    """The files under output_dir/sub whose size differs from the store's copy (the ones written to)."""
     from kubetune_trainer.store import StoreError
 
-    local = Path(output_dir) / TENSORBOARD_DIR
+    local = output_dir / sub
     if not local.is_dir():
         return
     try:
-        # only what grew since the last commit (the current writer's file); earlier attempts' are there
-        there = store.sizes(f"{TENSORBOARD_DIR}/")
+        there = store.sizes(f"{sub}/")
         unchanged = [
-            p.name for p in local.iterdir() if there.get(f"{TENSORBOARD_DIR}/{p.name}") == p.stat().st_size
-        ]
-        store.upload_dir(local, TENSORBOARD_DIR, exclude=unchanged)
+            rel for p in local.rglob("*") if p.is_file()
+            and there.get(f"{sub}/{(rel := p.relative_to(local).as_posix())}") == p.stat().st_size
+        ]  # fmt: skip
+        store.upload_dir(local, sub, exclude=unchanged)
     except (StoreError, OSError) as e:
-        log.warning("could not upload %s: %s", store.uri_for(TENSORBOARD_DIR), e)
+        log.warning("could not upload %s: %s", store.uri_for(sub), e)
 
 
 def restore_tensorboard(store: ObjectStore, output_dir: Path) -> None:
@@ -309,5 +322,5 @@ def restore_tensorboard(store: ObjectStore, output_dir: Path) -> None:
 
 __all__ = [
     "MANAGED_ENV", "Session", "TrackingCallback", "check_installed", "read_run_ids", "report_to",
-    "restore_tensorboard", "start", "tracking_env", "upload_tensorboard",
+    "restore_tensorboard", "start", "tracking_env", "upload_logs",
 ]  # fmt: skip
