@@ -123,8 +123,8 @@ def fill_table(model_dir: Path, tmp: Path, a: argparse.Namespace) -> list[tuple[
 
     from kubetune_trainer import model_loading, pet
     from kubetune_trainer.datasets_build import build_datasets
-    from kubetune_trainer.dpo import build_dpo_trainer
     from kubetune_trainer.packing import pack_blocks
+    from kubetune_trainer.recipes.dpo import build_dpo_trainer
     from kubetune_trainer.train import training_arguments
     from kubetune_trainer.trainer_class import kubetune_trainer
 

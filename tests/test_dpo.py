@@ -193,11 +193,14 @@ def train_logs(result: Any) -> list[dict]:
 
 
 def test_dpo_config_is_the_sft_arguments_plus_the_dpo_fields(tmp_path: Path) -> None:
+    """The recipe builds TRL's DPOConfig directly from every method's keyword arguments: each
+    TrainingArguments field is what a plain TrainingArguments gets (DPOConfig's own defaults, e.g.
+    gradient checkpointing on, never apply), plus the DPO fields."""
     from transformers import TrainingArguments
+    from trl import DPOConfig
 
-    from kubetune_trainer.dpo import dpo_config
     from kubetune_trainer.model_loading import resolve_precision
-    from kubetune_trainer.train import training_arguments
+    from kubetune_trainer.train import training_arguments, training_kwargs
 
     job = make_job(
         "args", tmp_path, tmp_path / "p.jsonl", tmp_path / "out",
@@ -205,18 +208,21 @@ def test_dpo_config_is_the_sft_arguments_plus_the_dpo_fields(tmp_path: Path) -> 
                   "warmup_ratio": 0.1, "gradient_checkpointing": False, "weight_decay": 0.01},
         checkpoint={"every_steps": 7, "keep_last": 3},
     )  # fmt: skip
-    base = training_arguments(job.spec, tmp_path / "ck", precision=resolve_precision("fp32"), has_eval=True)
-    cfg = dpo_config(base, job.spec)
+    fp32 = resolve_precision("fp32")
+    base = TrainingArguments(**training_kwargs(job.spec, tmp_path / "ck", precision=fp32, has_eval=True))
+    cfg = training_arguments(job.spec, tmp_path / "ck", precision=fp32, has_eval=True)
+    assert type(cfg) is DPOConfig
     for f in dataclasses.fields(TrainingArguments):
         assert getattr(cfg, f.name) == getattr(base, f.name), f.name
     assert cfg.save_steps == 7 and cfg.save_total_limit == 3 and cfg.gradient_checkpointing is False
+    assert cfg.learning_rate == 2e-3 and cfg.logging_steps == 1  # not DPOConfig's 1e-6 and 10
     assert cfg.beta == 0.3 and cfg.max_length == 96
     assert cfg.loss_type == ["ipo", "sft"] and cfg.loss_weights == [1.0, 0.5]
 
     plain = make_job(
         "plain", tmp_path, tmp_path / "p.jsonl", tmp_path / "out", training={"dpo_loss_type": "hinge"}
     )
-    cfg = dpo_config(base, plain.spec)
+    cfg = training_arguments(plain.spec, tmp_path / "ck", precision=fp32, has_eval=True)
     assert cfg.loss_type == ["hinge"] and cfg.loss_weights == [1.0] and cfg.beta == 0.1
 
 

@@ -1,25 +1,28 @@
-"""The trainer's one entry point into the data pipeline: :func:`build_datasets`.
+"""The data pipeline's shared pieces, and its entry point :func:`build_datasets`.
 
     built = build_datasets(job, tokenizer, seed=job.spec.training.seed)
     Trainer(..., train_dataset=built.train_dataset, eval_dataset=built.eval_dataset,
             data_collator=built.data_collator)
 
-What it does, by ``spec.method``:
+``build_datasets`` hands the job to its method's recipe (``kubetune_trainer/recipes/<method>.py``),
+which assembles these pieces: :func:`data_context` (renderer, collator, counters), :func:`read_main`
+(read rows -> normalise (formats.py) -> hold out ``validation_split`` of the rows, seeded),
+:func:`add_mix` (``dataset.mix`` samples drawn in, shuffled, seeded), then one of
 
-``sft``
-    read rows -> normalise (formats.py) -> hold out ``validation_split`` of the rows (seeded) -> add
-    ``dataset.mix`` samples -> shuffle (seeded) -> render and mask (chat_render.py, truncation to
-    ``seq_length``) -> drop samples with no trainable token -> pack best-fit decreasing
+:func:`tokenized_data`
+    render and mask (chat_render.py), truncated to ``seq_length`` -- or, for ``documents``
+    (pre-training: text, each followed by EOS, every token in the loss), each cut into
+    ``seq_length`` pieces -- drop samples with no trainable token, pack best-fit decreasing
     (``training.packing``, packing.py) or not. Rows of ``input_ids``, ``labels`` (+ ``position_ids``
-    when packed; + ``length`` with ``training.group_by_length``) in a ``datasets.Dataset``.
-``pretrain``
-    text documents, each followed by EOS, every token in the loss; each document cut into
-    ``seq_length`` pieces, which are packed best-fit decreasing (``training.packing``) or trained one
-    per row. ``dataset.streaming`` reads lazily (:class:`PretrainStream`, a torch
-    ``IterableDataset``) and packs by concatenating documents into ``seq_length`` blocks.
-``dpo``
+    when packed; + ``length`` with ``training.group_by_length``) in a ``datasets.Dataset``. (sft,
+    pretrain)
+:func:`preference_data`
     ``prompt``/``chosen``/``rejected`` text rows rendered with the chat template (or ChatML) and
-    system prompt, ready for TRL's ``DPOTrainer`` (which tokenizes them itself); no collator.
+    system prompt, ready for a TRL preference trainer (which tokenizes them itself); no collator.
+    (dpo)
+:func:`streamed_documents`
+    ``dataset.streaming``: read lazily (:class:`PretrainStream`, a torch ``IterableDataset``), packed
+    by concatenating documents into ``seq_length`` blocks. (pretrain)
 
 Mixing (``dataset.mix``): the main source keeps all its training samples and makes up
 ``1 - sum(ratios)`` of the result; each mix source adds ``ratio * total`` samples drawn from a seeded
@@ -152,13 +155,6 @@ class _Reader:
         return out
 
 
-def _main_format(spec: Any) -> str:
-    fmt = spec.dataset_format()
-    if spec.method == "pretrain":
-        return "text"  # chat formats need dataset.columns.text for pretrain (a validation rule)
-    return fmt
-
-
 def _mix_format(src: Any) -> str:
     # auto: the Normalizer detects it (a text column -> text for pretrain, else a chat format)
     return src.format
@@ -227,12 +223,13 @@ def _encode_all(
 
 
 def _sequences(
-    encoded: Iterable[Encoded], method: str, packing: bool, seq_length: int
+    encoded: Iterable[Encoded], documents: bool, packing: bool, seq_length: int
 ) -> Iterator[dict[str, list[int]]]:
-    """In-memory rows: segments to pack (packing.pack_best_fit), or one sample (piece) per row."""
+    """In-memory rows: segments to pack (packing.pack_best_fit), or one sample (piece) per row.
+    `documents`: samples are documents cut into seq_length pieces (pre-training), not truncated."""
     if packing:
-        return segments(encoded, seq_length, split=method == "pretrain")
-    if method == "pretrain":
+        return segments(encoded, seq_length, split=documents)
+    if documents:
         return chunk(encoded, seq_length)
     return ({"input_ids": e.input_ids, "labels": e.labels} for e in encoded)
 
@@ -269,19 +266,18 @@ def _tokenized_dataset(
     renderer: ChatRenderer,
     examples: list[Example],
     *,
-    method: str,
+    documents: bool,
     packing: bool,
     seq_length: int,
     stats: DataStats | None,
 ) -> Any:
-    truncate = method != "pretrain"  # pre-training cuts documents into seq_length pieces instead
-    encoded = _encode_all(renderer, examples, truncate=truncate, stats=stats)
-    ds = _to_dataset(_sequences(encoded, method, packing, seq_length))
+    encoded = _encode_all(renderer, examples, truncate=not documents, stats=stats)
+    ds = _to_dataset(_sequences(encoded, documents, packing, seq_length))
     if packing:
         ds = pack_best_fit(ds, seq_length)
     if stats is not None:
         stats.sequences = len(ds)
-        if packing or method == "pretrain":
+        if packing or documents:
             total = sum(len(x) for x in ds["input_ids"]) if len(ds) else 0
             stats.packing_efficiency = total / (len(ds) * seq_length) if len(ds) else None
     return ds
@@ -461,120 +457,53 @@ def _preference_dataset(
     return datasets.Dataset.from_dict(cols)
 
 
-# ---------------------------------------------------------------- entry point
+# ---------------------------------------------------------------- pieces the recipes assemble
 
 
-def build_datasets(job: Any, tokenizer: Any, seed: int, *, device_type: str = "cpu") -> BuiltData:
-    """Read, normalise, render, mask and pack the job's data. Raises :class:`DataError` (a ValueError)
-    with a user-facing message (file, row and field for a bad row) when the data is unusable.
-    `device_type`: where the batches go (``cuda``: padded to a multiple of :data:`CUDA_PAD_MULTIPLE`)."""
-    spec = job.spec
-    ds = spec.dataset
-    method = spec.method
-    training = spec.training
-    seq_length = training.seq_length
-    s3 = spec.storage.s3 if spec.storage is not None else None
-    cols = Columns.from_spec(ds.columns)
-    renderer = ChatRenderer(
-        tokenizer,
-        apply_chat_template=ds.apply_chat_template,
-        system_prompt=ds.system_prompt,
-        seq_length=seq_length,
-    )
-    eot = renderer.end_of_turn_token_ids()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise DataError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
-    collator = DataCollator(pad_token_id=pad_id, pad_to_multiple_of=pad_multiple(device_type))
-    bad = BadRows(ds.on_bad_row)
-    stats = DataStats()
+@dataclass
+class DataContext:
+    """What every method's pipeline starts from (:func:`data_context`)."""
 
-    if ds.streaming:
-        # The spec's rules guarantee method pretrain and training.max_steps here.
-        mix = []
-        for src in ds.mix:
-            reader = _Reader(src.uri, _mix_format(src), Columns.from_spec(src.columns), method, s3, bad)
-            mix.append((reader.read_all(), src.ratio))
-        if mix:
-            _mix_counts(1, [r for _, r in mix])  # checks the ratios
-        common = dict(
-            uri=ds.uri, s3=s3, cols=cols, renderer=renderer, seq_length=seq_length, packing=training.packing,
-            on_bad_row=ds.on_bad_row, validation_split=ds.validation_split, seed=seed,
-        )  # fmt: skip
-        train = PretrainStream(part="train", mix=mix, repeat=True, **common)
-        evald = PretrainStream(part="eval", **common) if ds.validation_split > 0 else None
-        unknown = DataStats(
-            rows=None, skipped_bad_rows=None, empty_rows=None, samples=None, eval_samples=None,
-            mixed_samples=None, tokens=None, trainable_tokens=None, truncated=None, no_trainable=None,
-            sequences=None, streaming=True,
-        )  # fmt: skip
-        # Every batch exactly seq_length wide: with several processes accelerate reads an
-        # IterableDataset on rank 0 and concatenates one batch per rank before dispatching them.
-        fixed = DataCollator(pad_token_id=pad_id, pad_to_multiple_of=seq_length)
-        return BuiltData(train, evald, fixed, unknown, method, training.packing, True, eot)
+    job: Any
+    spec: Any
+    method: str
+    seed: int
+    s3: Any
+    cols: Columns  # dataset.uri's column names
+    renderer: ChatRenderer
+    pad_id: int
+    collator: DataCollator  # pads to the longest row (a multiple of 8 on GPUs)
+    bad: BadRows  # every source's bad rows (dataset.on_bad_row)
+    stats: DataStats
+    end_of_turn_token_ids: list[int]
 
-    main = _Reader(ds.uri, _main_format(spec), cols, method, s3, bad)
-    examples = main.read_all()
-    stats.rows = main.rows
-    stats.empty_rows = main.norm.empty
-    train_ex, eval_ex = _split(examples, ds.validation_split, seed, ds.uri)
+    @property
+    def ds(self) -> Any:
+        return self.spec.dataset
 
-    if ds.mix:
-        if method == "dpo":
-            raise DataError("dataset.mix is not supported with method dpo")
-        counts = _mix_counts(len(train_ex), [m.ratio for m in ds.mix])
-        for i, (src, n) in enumerate(zip(ds.mix, counts, strict=True)):
-            reader = _Reader(src.uri, _mix_format(src), Columns.from_spec(src.columns), method, s3, bad)
-            drawn = _draw(reader.read_all(), n, seed + 1 + i)
-            stats.rows += reader.rows
-            stats.mixed_samples += len(drawn)
-            train_ex += drawn
-        random.Random(seed + 1000).shuffle(train_ex)
+    @property
+    def seq_length(self) -> int:
+        return self.spec.training.seq_length
 
-    if method == "dpo":
-        grouped = training.group_by_length
-        train = _preference_dataset(renderer, train_ex, seq_length, stats, with_lengths=grouped)
-        evald = (
-            _preference_dataset(renderer, eval_ex, seq_length, None, with_lengths=grouped)
-            if eval_ex
-            else None
+    def reader(self, uri: str, fmt: str, columns: Any) -> _Reader:
+        return _Reader(uri, fmt, Columns.from_spec(columns), self.method, self.s3, self.bad)
+
+    def main_reader(self, uri: str | None = None) -> _Reader:
+        """dataset.uri (or `uri`, read the same way) in the format spec.dataset_format resolves."""
+        return self.reader(uri or self.ds.uri, self.spec.dataset_format(), self.ds.columns)
+
+    def built(self, train: Any, evald: Any, collator: DataCollator | None, packed: bool) -> BuiltData:
+        """The result, with the bad rows counted."""
+        self.stats.skipped_bad_rows = self.bad.count
+        self.stats.bad_row_examples = list(self.bad.first)
+        log.debug("data: %s", self.stats.summary())
+        return BuiltData(
+            train, evald, collator, self.stats, self.method, packed, False, self.end_of_turn_token_ids
         )
-        stats.eval_samples = len(eval_ex)
-        collator = None
-        packed = False
-    else:
-        train = _tokenized_dataset(
-            renderer, train_ex, method=method, packing=training.packing, seq_length=seq_length, stats=stats
-        )
-        if stats.samples == 0:
-            raise DataError(
-                f"{ds.uri}: no sample has a token to train on after rendering and truncation to "
-                f"seq_length {seq_length} ({stats.no_trainable} samples dropped)"
-            )
-        evald = None
-        if eval_ex:
-            eval_stats = DataStats()
-            evald = _tokenized_dataset(
-                renderer, eval_ex, method=method, packing=training.packing, seq_length=seq_length,
-                stats=eval_stats,
-            )  # fmt: skip
-            stats.eval_samples = eval_stats.samples
-            if len(evald) == 0:
-                evald = None
-        packed = "position_ids" in train.column_names
-        if training.group_by_length:
-            # the sampler reads this column instead of measuring every row
-            train = _with_lengths(train)
-            evald = _with_lengths(evald) if evald is not None else None
-    stats.skipped_bad_rows = bad.count
-    stats.bad_row_examples = list(bad.first)
-    log.debug("data: %s", stats.summary())
-    return BuiltData(train, evald, collator, stats, method, packed, False, eot)
 
 
-def preview(job: Any, tokenizer: Any, n: int = 3) -> list[tuple[Example, Any]]:
-    """The first ``n`` usable examples of the main source, in file order, rendered:
-    (example, Encoded) for sft/pretrain, (example, {prompt, chosen, rejected}) for dpo."""
+def data_context(job: Any, tokenizer: Any, *, seed: int, device_type: str = "cpu") -> DataContext:
+    """The renderer (chat template or ChatML, system prompt), collator and counters of `job`'s data."""
     spec = job.spec
     ds = spec.dataset
     renderer = ChatRenderer(
@@ -583,19 +512,138 @@ def preview(job: Any, tokenizer: Any, n: int = 3) -> list[tuple[Example, Any]]:
         system_prompt=ds.system_prompt,
         seq_length=spec.training.seq_length,
     )
-    reader = _Reader(
-        ds.uri, _main_format(spec), Columns.from_spec(ds.columns), spec.method,
-        spec.storage.s3 if spec.storage is not None else None, BadRows(ds.on_bad_row),
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise DataError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
+    return DataContext(
+        job=job, spec=spec, method=spec.method, seed=seed, s3=spec.storage.s3 if spec.storage is not None else None,
+        cols=Columns.from_spec(ds.columns), renderer=renderer, pad_id=pad_id,
+        collator=DataCollator(pad_token_id=pad_id, pad_to_multiple_of=pad_multiple(device_type)),
+        bad=BadRows(ds.on_bad_row), stats=DataStats(), end_of_turn_token_ids=renderer.end_of_turn_token_ids(),
     )  # fmt: skip
-    out: list[tuple[Example, Any]] = []
-    for ex in reader:
-        if len(out) >= n:
-            break
-        if spec.method == "dpo":
-            out.append((ex, renderer.preference_row(ex)))
-        else:
-            out.append((ex, renderer.encode(ex, truncate=spec.method != "pretrain")))
-    return out
+
+
+def read_main(ctx: DataContext) -> tuple[list[Example], list[Example]]:
+    """dataset.uri's usable examples, split (seeded) into (train, held out by validation_split)."""
+    main = ctx.main_reader()
+    examples = main.read_all()
+    ctx.stats.rows = main.rows
+    ctx.stats.empty_rows = main.norm.empty
+    return _split(examples, ctx.ds.validation_split, ctx.seed, ctx.ds.uri)
+
+
+def add_mix(ctx: DataContext, train_ex: list[Example]) -> list[Example]:
+    """`train_ex` with the dataset.mix samples drawn in (see the module docstring), shuffled (seeded)."""
+    ds = ctx.ds
+    if not ds.mix:
+        return train_ex
+    counts = _mix_counts(len(train_ex), [m.ratio for m in ds.mix])
+    for i, (src, n) in enumerate(zip(ds.mix, counts, strict=True)):
+        reader = ctx.reader(src.uri, _mix_format(src), src.columns)
+        drawn = _draw(reader.read_all(), n, ctx.seed + 1 + i)
+        ctx.stats.rows += reader.rows
+        ctx.stats.mixed_samples += len(drawn)
+        train_ex = train_ex + drawn
+    random.Random(ctx.seed + 1000).shuffle(train_ex)
+    return train_ex
+
+
+def tokenized_data(
+    ctx: DataContext, train_ex: list[Example], eval_ex: list[Example], *, documents: bool
+) -> BuiltData:
+    """Examples rendered, masked and tokenized (truncated to seq_length, or with `documents` cut into
+    seq_length pieces), packed best fit with training.packing, with a ``length`` column for
+    training.group_by_length; samples with no trainable token dropped and counted."""
+    training = ctx.spec.training
+    common = dict(documents=documents, packing=training.packing, seq_length=ctx.seq_length)
+    train = _tokenized_dataset(ctx.renderer, train_ex, stats=ctx.stats, **common)
+    if ctx.stats.samples == 0:
+        raise DataError(
+            f"{ctx.ds.uri}: no sample has a token to train on after rendering and truncation to "
+            f"seq_length {ctx.seq_length} ({ctx.stats.no_trainable} samples dropped)"
+        )
+    evald = None
+    if eval_ex:
+        eval_stats = DataStats()
+        evald = _tokenized_dataset(ctx.renderer, eval_ex, stats=eval_stats, **common)
+        ctx.stats.eval_samples = eval_stats.samples
+        if len(evald) == 0:
+            evald = None
+    packed = "position_ids" in train.column_names
+    if training.group_by_length:
+        # the sampler reads this column instead of measuring every row
+        train = _with_lengths(train)
+        evald = _with_lengths(evald) if evald is not None else None
+    return ctx.built(train, evald, ctx.collator, packed)
+
+
+def preference_data(ctx: DataContext, train_ex: list[Example], eval_ex: list[Example]) -> BuiltData:
+    """prompt/chosen/rejected text rows for a TRL preference trainer (which tokenizes and collates them
+    itself: no collator), with a ``length`` column for training.group_by_length."""
+    grouped = ctx.spec.training.group_by_length
+    train = _preference_dataset(ctx.renderer, train_ex, ctx.seq_length, ctx.stats, with_lengths=grouped)
+    evald = (
+        _preference_dataset(ctx.renderer, eval_ex, ctx.seq_length, None, with_lengths=grouped)
+        if eval_ex
+        else None
+    )
+    ctx.stats.eval_samples = len(eval_ex)
+    return ctx.built(train, evald, None, False)
+
+
+def streamed_documents(ctx: DataContext) -> BuiltData:
+    """dataset.uri read lazily as text documents (:class:`PretrainStream`), mix sources in memory;
+    the spec's rules guarantee a method that streams and training.max_steps here."""
+    ds, training = ctx.ds, ctx.spec.training
+    mix = []
+    for src in ds.mix:
+        mix.append((ctx.reader(src.uri, _mix_format(src), src.columns).read_all(), src.ratio))
+    if mix:
+        _mix_counts(1, [r for _, r in mix])  # checks the ratios
+    common = dict(
+        uri=ds.uri, s3=ctx.s3, cols=ctx.cols, renderer=ctx.renderer, seq_length=ctx.seq_length,
+        packing=training.packing, on_bad_row=ds.on_bad_row, validation_split=ds.validation_split, seed=ctx.seed,
+    )  # fmt: skip
+    train = PretrainStream(part="train", mix=mix, repeat=True, **common)
+    evald = PretrainStream(part="eval", **common) if ds.validation_split > 0 else None
+    unknown = DataStats(
+        rows=None, skipped_bad_rows=None, empty_rows=None, samples=None, eval_samples=None,
+        mixed_samples=None, tokens=None, trainable_tokens=None, truncated=None, no_trainable=None,
+        sequences=None, streaming=True,
+    )  # fmt: skip
+    # Every batch exactly seq_length wide: with several processes accelerate reads an
+    # IterableDataset on rank 0 and concatenates one batch per rank before dispatching them.
+    fixed = DataCollator(pad_token_id=ctx.pad_id, pad_to_multiple_of=ctx.seq_length)
+    return BuiltData(
+        train, evald, fixed, unknown, ctx.method, training.packing, True, ctx.end_of_turn_token_ids
+    )
+
+
+def first_examples(ctx: DataContext, n: int) -> list[Example]:
+    """The first `n` usable examples of dataset.uri, in file order (what inspect-data shows)."""
+    return [ex for _, ex in zip(range(n), ctx.main_reader(), strict=False)]
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def build_datasets(job: Any, tokenizer: Any, seed: int, *, device_type: str = "cpu") -> BuiltData:
+    """Read, normalise, render, mask and pack the job's data as its method's recipe does
+    (``kubetune_trainer.recipes``). Raises :class:`DataError` (a ValueError) with a user-facing message
+    (file, row and field for a bad row) when the data is unusable. `device_type`: where the batches go
+    (``cuda``: padded to a multiple of :data:`CUDA_PAD_MULTIPLE`)."""
+    from kubetune_trainer import recipes
+
+    return recipes.get(job.spec.method).build_data(job, tokenizer, seed=seed, device_type=device_type)
+
+
+def preview(job: Any, tokenizer: Any, n: int = 3) -> list[tuple[Example, Any]]:
+    """The first ``n`` usable examples of the main source, in file order, rendered by the method's
+    recipe: (example, Encoded) where tokens are masked (sft, pretrain), (example, {field: text}) for
+    text rows a TRL trainer tokenizes itself (dpo: prompt, chosen, rejected)."""
+    from kubetune_trainer import recipes
+
+    return recipes.get(job.spec.method).preview(job, tokenizer, n)
 
 
 def evaluation_examples(job: Any, limit: int, uri: str | None = None) -> list[Example]:
@@ -605,7 +653,7 @@ def evaluation_examples(job: Any, limit: int, uri: str | None = None) -> list[Ex
     ds = spec.dataset
     s3 = spec.storage.s3 if spec.storage is not None else None
     reader = _Reader(
-        uri or ds.uri, _main_format(spec), Columns.from_spec(ds.columns), spec.method, s3,
+        uri or ds.uri, spec.dataset_format(), Columns.from_spec(ds.columns), spec.method, s3,
         BadRows(ds.on_bad_row),
     )  # fmt: skip
     if uri is not None:
@@ -616,4 +664,8 @@ def evaluation_examples(job: Any, limit: int, uri: str | None = None) -> list[Ex
     return _split(reader.read_all(), ds.validation_split, spec.training.seed, ds.uri)[1][:limit]
 
 
-__all__ = ["BuiltData", "DataStats", "PretrainStream", "build_datasets", "evaluation_examples", "preview"]
+__all__ = [
+    "BuiltData", "DataContext", "DataStats", "PretrainStream", "add_mix", "build_datasets", "data_context",
+    "evaluation_examples", "first_examples", "preference_data", "preview", "read_main", "streamed_documents",
+    "tokenized_data",
+]  # fmt: skip

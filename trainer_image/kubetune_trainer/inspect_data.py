@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from kubetune_trainer.chat_render import IGNORE_INDEX, Encoded
 from kubetune_trainer.data_sources import DataError
-from kubetune_trainer.datasets_build import DataStats, build_datasets, preview
+from kubetune_trainer.datasets_build import DataStats
 
 GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 _TOKENIZER_FILES = (
@@ -105,6 +105,9 @@ def inspect_data(
     out = file or sys.stdout
     if color is None:
         color = hasattr(out, "isatty") and out.isatty()
+    from kubetune_trainer import recipes
+
+    recipe = recipes.get(job.spec.method)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(job)
     ds = job.spec.dataset
     how = "tokenizer chat template" if ds.apply_chat_template else "ChatML (kubetune default)"
@@ -113,7 +116,7 @@ def inspect_data(
         f"dataset {ds.uri} ({job.spec.method}, rendering: {how}); tokens in the loss are shown {legend}",
         file=out,
     )
-    for i, (ex, rendered) in enumerate(preview(job, tokenizer, samples), 1):
+    for i, (ex, rendered) in enumerate(recipe.preview(job, tokenizer, samples), 1):
         print(f"\n== sample {i} ({ex.origin})", file=out)
         if isinstance(rendered, Encoded):
             note = f"{len(rendered.input_ids)} tokens, {rendered.trainable} trained"
@@ -121,13 +124,12 @@ def inspect_data(
                 note += ", truncated"
             print(_mark(tokenizer, rendered, color), file=out)
             print(f"{DIM if color else ''}-- {note}{RESET if color else ''}", file=out)
-        else:
-            for key in ("prompt", "chosen", "rejected"):
-                body = rendered[key]
-                if key != "prompt":
+        else:  # text fields a TRL trainer tokenizes: the first (the prompt) untrained, the others trained
+            for j, (key, body) in enumerate(rendered.items()):
+                if j:
                     body = f"{GREEN}{body}{RESET}" if color else f"[[{body}]]"
                 print(f"-- {key}:\n{body}", file=out)
-    built = build_datasets(job, tokenizer, seed=job.spec.training.seed)
+    built = recipe.build_data(job, tokenizer, seed=job.spec.training.seed)
     stats = built.stats
     if built.streaming:
         n = sum(1 for _ in built.train_dataset.iter_sequences())

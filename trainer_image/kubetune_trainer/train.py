@@ -1,5 +1,7 @@
-"""One training run of a FineTuneJob on transformers' `Trainer` (sft, pretrain; dpo through TRL's
-`DPOTrainer`, a `Trainer` subclass built by :mod:`dpo`).
+"""One training run of a FineTuneJob, the same for every method: what differs by ``spec.method``
+(the data, the TrainingArguments class, the trainer, what is exported) is asked of the method's
+recipe (:mod:`kubetune_trainer.recipes`: transformers' `Trainer` for sft and pretrain, TRL's
+`DPOTrainer` for dpo).
 
     from kubetune_trainer.train import run_training
     result = run_training(job, workdir=Path("/scratch/job"), callbacks=[MyCallback()], resume_from=None)
@@ -8,13 +10,14 @@
 runs in every torchrun process (rank, world size and local rank come from the environment; a plain
 ``python`` call is one process):
 
-1. checks the method can run here (:func:`pet.plan_pet`; a `JobError` otherwise), resolves
-   and loads model + tokenizer (:mod:`model_loading`), builds the data
-   (:func:`datasets_build.build_datasets`), applies the method (:func:`pet.apply_pet`) and
-   logs trainable vs total parameters;
-2. builds `TrainingArguments` from ``spec.training`` (:func:`training_arguments`) and runs
-   ``Trainer.train(resume_from_checkpoint=resume_from)``;
-3. on global rank 0, when training reached its last step, exports ``final/`` (:mod:`export`).
+1. checks the pet_config can run here (:func:`pet.plan_pet`; a `JobError` otherwise), resolves
+   and loads model + tokenizer (:mod:`model_loading`), builds the data (the recipe's
+   ``build_data``), applies the pet_config (:func:`pet.apply_pet`) and logs trainable vs total
+   parameters;
+2. builds the recipe's `TrainingArguments` from ``spec.training`` (:func:`training_arguments`), the
+   recipe's trainer, and runs ``Trainer.train(resume_from_checkpoint=resume_from)``;
+3. on global rank 0, when training reached its last step, exports ``final/`` (:mod:`export`) from
+   the recipe's ``model_to_export``.
 
 Directories:
 
@@ -123,9 +126,27 @@ def training_arguments(
     max_steps: int | None = None,
     **overrides: Any,
 ) -> Any:
-    """transformers `TrainingArguments` for `spec.training` (+ checkpoint cadence and parallelism)."""
-    from transformers import TrainingArguments
+    """The method's `TrainingArguments` (a TRL config for TRL trainers), built by its recipe from
+    :func:`training_kwargs`."""
+    from kubetune_trainer import recipes
 
+    kwargs = training_kwargs(
+        spec, checkpoint_dir, precision=precision, has_eval=has_eval, max_steps=max_steps, **overrides
+    )
+    return recipes.get(spec.method).training_arguments(spec, kwargs)
+
+
+def training_kwargs(
+    spec: FineTuneJobSpec,
+    checkpoint_dir: Path,
+    *,
+    precision: Any,
+    has_eval: bool,
+    max_steps: int | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """transformers `TrainingArguments` keyword arguments for `spec.training` (+ checkpoint cadence and
+    parallelism): what every method shares."""
     from kubetune_trainer.tracking import report_to
 
     t = spec.training
@@ -176,7 +197,7 @@ def training_arguments(
         kwargs["fsdp_config"] = fsdp_config(activation_checkpointing=t.gradient_checkpointing)
         kwargs["activation_checkpointing"] = False  # FSDP's own, without a second all-gather
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return kwargs
 
 
 def run_training(
@@ -191,13 +212,14 @@ def run_training(
     """Train `job` in this process (see the module docstring); raises JobError / DataError for
     problems the user fixes."""
     quiet_known_noise()
-    from transformers import PrinterCallback, ProgressCallback, Trainer
+    from transformers import PrinterCallback, ProgressCallback
 
-    from kubetune_trainer import model_loading, pet, tracking
-    from kubetune_trainer.datasets_build import build_datasets
+    from kubetune_trainer import model_loading, pet, recipes, tracking
+    from kubetune_trainer.recipes import TrainerSetup
     from kubetune_trainer.reporting import ReportingCallback
 
     spec = job.spec
+    recipe = recipes.get(spec.method)
     dist = DistEnv.from_env()
     workdir = Path(workdir)
     out_dir = Path(output_dir) if output_dir is not None else local_output_dir(spec, workdir)
@@ -220,7 +242,7 @@ def run_training(
             spec.model.adapter_uri, s3=spec.storage.s3, field="spec.model.adapter_uri", require_config=False
         )
     tokenizer = model_loading.load_tokenizer(spec, model_dir)
-    data = build_datasets(job, tokenizer, seed=spec.training.seed, device_type=precision.device_type)
+    data = recipe.build_data(job, tokenizer, seed=spec.training.seed, device_type=precision.device_type)
 
     device = f"{precision.device_type}:{dist.local_rank}" if precision.device_type == "cuda" else "cpu"
     model = model_loading.load_model(
@@ -238,6 +260,11 @@ def run_training(
             precision.name, precision.device_type, dist.world_size,
         )  # fmt: skip
         log.info("data: %s", data.stats.summary())
+        if spec.training.packing and not recipe.info.packing:
+            log.warning(
+                "training.packing is not used by method %s: every sample is scored on its own, padded per batch",
+                spec.method,
+            )
 
     tracked = tracking.start(job, out_dir, workdir=workdir, resume_from=resume_from, is_main=dist.is_main)
     args = training_arguments(
@@ -245,26 +272,13 @@ def run_training(
         run_name=job.metadata.name,
     )  # fmt: skip
     reporter = ReportingCallback(out_dir, title=job.metadata.name)
-    if spec.method == "dpo":
-        from kubetune_trainer.dpo import build_dpo_trainer
-
-        trainer = build_dpo_trainer(
-            spec, model=model, tokenizer=tokenizer, data=data, args=args, plan=plan,
+    trainer = recipe.make_trainer(
+        TrainerSetup(
+            spec=spec, model=model, tokenizer=tokenizer, data=data, args=args, plan=plan,
             callbacks=[reporter, *callbacks],
-            load_reference=lambda: model_loading.load_model(model_dir, spec, precision),
-        )  # fmt: skip
-    else:
-        from kubetune_trainer.trainer_class import kubetune_trainer
-
-        trainer = kubetune_trainer(Trainer)(
-            model=model,
-            args=args,
-            train_dataset=data.train_dataset,
-            eval_dataset=data.eval_dataset,
-            data_collator=data.data_collator,
-            processing_class=tokenizer,
-            callbacks=[reporter, *callbacks],
+            load_base=lambda: model_loading.load_model(model_dir, spec, precision),
         )
+    )  # fmt: skip
     tracked.attach(trainer)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
@@ -308,11 +322,7 @@ def run_training(
     if completed and trainer.is_world_process_zero():
         from kubetune_trainer.export import export_final
 
-        final_model = trainer.model
-        if spec.method == "dpo":
-            from kubetune_trainer.dpo import without_reference_adapter
-
-            final_model = without_reference_adapter(final_model)
+        final_model = recipe.model_to_export(trainer.model)
         if data.end_of_turn_token_ids:
             _add_eos_ids(final_model, data.end_of_turn_token_ids)
         exported = export_final(
@@ -406,4 +416,4 @@ def quiet_known_noise() -> None:
     hf_logging.disable_progress_bar()
 
 
-__all__ = ["DistEnv", "TrainResult", "run_training", "training_arguments", "local_output_dir"]
+__all__ = ["DistEnv", "TrainResult", "local_output_dir", "run_training", "training_arguments", "training_kwargs"]

@@ -1,15 +1,16 @@
-"""``method: dpo``: TRL's ``DPOTrainer`` on the same model, data, arguments and callbacks as SFT.
+"""``method: dpo``: TRL's ``DPOTrainer`` on the same model, arguments and callbacks as SFT.
 
-:func:`run_training` (train.py) loads the model and tokenizer, builds the data
-(:func:`datasets_build.build_datasets` gives prompt/chosen/rejected text rendered with the chat
-template and system prompt) and applies ``pet_config`` exactly as for SFT; only the trainer object
-differs, built here by :func:`build_dpo_trainer`:
+:func:`run_training` (train.py) loads the model and tokenizer and applies ``pet_config`` exactly as
+for SFT; this recipe gives the rest:
 
-- arguments: the ``TrainingArguments`` train.py builds from ``spec.training`` (checkpoint cadence,
-  precision, optimizer, schedule, ...) rebuilt as TRL's ``DPOConfig`` (a ``TrainingArguments``
-  subclass) plus the DPO fields of :func:`dpo_fields`: ``beta = training.dpo_beta``, ``loss_type``
-  sigmoid/ipo/hinge and, with ``training.dpo_sft_weight > 0``, an added ``sft`` term (TRL's list
-  ``loss_type`` with ``loss_weights [1, dpo_sft_weight]``), ``max_length = training.seq_length``;
+- data (:meth:`DPORecipe.build_data`): ``datasets_build.preference_data``, prompt/chosen/rejected text
+  rendered with the chat template and system prompt (TRL tokenizes it); ``dataset.mix`` is refused;
+- arguments (:meth:`DPORecipe.training_arguments`): TRL's ``DPOConfig`` (a ``TrainingArguments``
+  subclass) built from the keyword arguments train.py makes of ``spec.training`` (checkpoint cadence,
+  precision, optimizer, schedule, ...; transformers' defaults where DPOConfig has others) plus the
+  DPO fields of :func:`dpo_fields`: ``beta = training.dpo_beta``, ``loss_type`` sigmoid/ipo/hinge
+  and, with ``training.dpo_sft_weight > 0``, an added ``sft`` term (TRL's list ``loss_type`` with
+  ``loss_weights [1, dpo_sft_weight]``), ``max_length = training.seq_length``;
 - the reference model: with LoRA/QLoRA none is loaded. TRL keeps a frozen copy of the adapter as
   it was at the start (a few MB; the base weights are shared) and computes the reference with it,
   so the reference is the base (a fresh adapter changes nothing before training) or, with
@@ -26,7 +27,8 @@ resilience callback puts them in progress.json (``rewards``). Dropout is off whi
 
 Checkpoints hold the reference adapter too (``ref/``, a few MB); a resumed run rebuilds it from the
 starting adapter, which is what it holds, so a resume is exact. Before the export,
-:func:`without_reference_adapter` removes it so ``final/adapter`` holds only the trained adapter.
+:func:`without_reference_adapter` (the recipe's ``model_to_export``) removes it so ``final/adapter``
+holds only the trained adapter.
 
 TRL behaviours worth knowing: a pair whose prompt alone fills ``seq_length`` is dropped
 (``DataStats.no_trainable`` counts them); replies that do not end with the tokenizer's EOS get it
@@ -35,16 +37,17 @@ appended; on a quantized (QLoRA) base TRL keeps the trainable adapter in bf16.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kubetune_trainer.errors import JobError
+from kubetune_trainer.recipes.base import Recipe, TrainerSetup, arguments
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJobSpec
     from kubetune_trainer.datasets_build import BuiltData
+    from kubetune_trainer.formats import Example
     from kubetune_trainer.pet import PetPlan
 
 log = logging.getLogger("kubetune.dpo")
@@ -52,8 +55,42 @@ log = logging.getLogger("kubetune.dpo")
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of the starting adapter
 
 
+class DPORecipe(Recipe):
+    method: ClassVar[str] = "dpo"
+
+    def build_data(self, job: Any, tokenizer: Any, *, seed: int, device_type: str = "cpu") -> BuiltData:
+        from kubetune_trainer import datasets_build as db
+        from kubetune_trainer.data_sources import DataError
+
+        ctx = db.data_context(job, tokenizer, seed=seed, device_type=device_type)
+        train_ex, eval_ex = db.read_main(ctx)
+        if ctx.ds.mix:
+            raise DataError(f"dataset.mix is not supported with method {self.method}")
+        return db.preference_data(ctx, train_ex, eval_ex)
+
+    def preview(self, job: Any, tokenizer: Any, n: int) -> list[tuple[Example, Any]]:
+        from kubetune_trainer import datasets_build as db
+
+        ctx = db.data_context(job, tokenizer, seed=job.spec.training.seed)
+        return [(ex, ctx.renderer.preference_row(ex)) for ex in db.first_examples(ctx, n)]
+
+    def training_arguments(self, spec: FineTuneJobSpec, kwargs: dict[str, Any]) -> Any:
+        from trl import DPOConfig
+
+        return arguments(DPOConfig, {**kwargs, **dpo_fields(spec)})
+
+    def make_trainer(self, setup: TrainerSetup) -> Any:
+        return build_dpo_trainer(
+            setup.spec, model=setup.model, tokenizer=setup.tokenizer, data=setup.data, args=setup.args,
+            plan=setup.plan, callbacks=setup.callbacks, load_reference=setup.load_base,
+        )  # fmt: skip
+
+    def model_to_export(self, model: Any) -> Any:
+        return without_reference_adapter(model)
+
+
 def dpo_fields(spec: FineTuneJobSpec) -> dict[str, Any]:
-    """The DPOConfig fields that come from ``spec.training`` (the rest is the SFT arguments)."""
+    """The DPOConfig fields that come from ``spec.training`` (the rest is every method's arguments)."""
     t = spec.training
     loss_type = [t.dpo_loss_type]
     weights = [1.0]
@@ -68,20 +105,6 @@ def dpo_fields(spec: FineTuneJobSpec) -> dict[str, Any]:
         "truncation_mode": "keep_start",
         "precompute_ref_log_probs": False,
     }
-
-
-def dpo_config(training_args: Any, spec: FineTuneJobSpec) -> Any:
-    """``training_args`` (built by train.training_arguments) as a ``DPOConfig`` with the DPO fields.
-
-    Rebuilt from the init fields of ``TrainingArguments``, which transformers supports (its
-    ``__post_init__`` accepts its own resolved values); DPOConfig's different defaults (e.g.
-    gradient checkpointing on) never apply because every TrainingArguments field is passed.
-    """
-    from transformers import TrainingArguments
-    from trl import DPOConfig
-
-    values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    return DPOConfig(**values, **dpo_fields(spec))
 
 
 def freeze_reference(model: Any) -> Any:
@@ -104,21 +127,22 @@ def build_dpo_trainer(
 ) -> Any:
     """A ``DPOTrainer`` for a model that ``pet.apply_pet`` prepared.
 
-    `args`: the TrainingArguments train.py built (rebuilt here as a DPOConfig). `load_reference`:
-    loads the base again (full/freeze only; LoRA/QLoRA never load a second copy).
+    `args`: the ``DPOConfig`` of :meth:`DPORecipe.training_arguments` (train.training_arguments for a
+    dpo spec). `load_reference`: loads the base again (full/freeze only; LoRA/QLoRA never load a
+    second copy).
     """
-    from trl import DPOTrainer
+    from trl import DPOConfig, DPOTrainer
 
     from kubetune_trainer.trainer_class import kubetune_trainer
 
     _quiet_dataset_bars()
-    if data.method != "dpo":
+    if data.method != RECIPE.method:
         raise JobError(f"the DPO trainer needs preference data, got data built for method {data.method}")
     if data.streaming:
-        raise JobError("dataset.streaming is not supported with method dpo")
-    if spec.training.packing:
-        log.warning(
-            "training.packing is not used by method dpo: every pair is scored on its own, padded per batch"
+        raise JobError(f"dataset.streaming is not supported with method {RECIPE.method}")
+    if not isinstance(args, DPOConfig):
+        raise TypeError(
+            f"build_dpo_trainer needs a DPOConfig (train.training_arguments), got {type(args).__name__}"
         )
     if plan.uses_adapter:
         _check_no_adapter_on_output_head(model, spec)
@@ -130,7 +154,7 @@ def build_dpo_trainer(
     trainer = kubetune_trainer(DPOTrainer)(
         model=model,
         ref_model=ref_model,
-        args=dpo_config(args, spec),
+        args=args,
         train_dataset=data.train_dataset,
         eval_dataset=data.eval_dataset,
         processing_class=tokenizer,
@@ -178,7 +202,9 @@ def _quiet_dataset_bars() -> None:
     disable_progress_bar()
 
 
+RECIPE = DPORecipe()
+
 __all__ = [
-    "REFERENCE_ADAPTER", "build_dpo_trainer", "dpo_config", "dpo_fields", "freeze_reference",
+    "RECIPE", "REFERENCE_ADAPTER", "DPORecipe", "build_dpo_trainer", "dpo_fields", "freeze_reference",
     "without_reference_adapter",
 ]  # fmt: skip
