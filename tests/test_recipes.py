@@ -176,3 +176,16 @@ def test_auto_detection_follows_the_methods_row() -> None:
         DataError, match="which method sft does not read; preference data trains with method dpo"
     ):
         detect(pair, "sft")
+
+
+def test_the_recipes_ship_with_the_trainer_package() -> None:
+    """The trainer image installs the package non-editable: every subpackage must be listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    trainer = ROOT / "trainer_image" / "kubetune_trainer"
+    subpackages = {
+        ".".join(("kubetune_trainer", *p.parent.relative_to(trainer).parts))
+        for p in trainer.rglob("__init__.py")
+    }
+    assert "kubetune_trainer.recipes" in subpackages and subpackages <= listed
