@@ -10,8 +10,8 @@ activations, per process, micro-batch ``b``, ``seq_length`` ``s``, ``L`` decoder
 
     layers  = b * s * h * L * F * d        F = 10 + 3 * i / h   (elements kept per hidden unit)
     norms   = b * s * h * L * 4 * 4        the RMS/LayerNorms compute in fp32 (input, normalised)
-    casts   = b * s * L * C * 4            LoRA inputs cast to fp32 adapters (C: their in_features
-                                           per layer; 0 when the compute dtype is fp32)
+    lora    = b * s * L * O * d            the adapters' scaled outputs (O: out_features of the
+                                           adapted linears per layer)
     logits  = b * s * V * 4 * 2            fp32 logits and their log-softmax (or its gradient)
 
 F counts what a decoder layer saves for backward: about 10 h (attention: q, k, v, rotary outputs,
@@ -19,10 +19,10 @@ the attention output, the projection input) and about 3 i (MLP: gate, its activa
 product; the input is the norm's). With ``gradient_checkpointing`` each layer keeps only its
 input (``b * s * h * d``) and one layer at a time is recomputed in backward::
 
-    checkpointed = b * s * h * L * d + b * s * (h * F * d + h * 4 * 4 + C * 4) + logits
+    checkpointed = b * s * h * L * d + b * s * (h * F * d + h * 4 * 4 + O * d) + logits
 
 The figures are fitted on transformers' Qwen2/Llama layers (SDPA attention) on CPU and hold within
-a factor of 2 of the measured peak of live activation tensors there (tests/test_plan.py); flash
+25% of the measured peak of live activation tensors there (tests/test_plan.py); flash
 attention on GPUs keeps a little less, a fused cross-entropy (Liger) far less logits.
 """
 
@@ -73,7 +73,7 @@ class ModelShape:
     layers: int
     intermediate: int
     vocab: int
-    lora_cast_in_features: int = 0  # per layer: in_features of adapted linears whose input is cast
+    lora_out_features: int = 0  # per layer: out_features of the adapted linears
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class Measured:
     layer_weights: int  # bytes of the largest decoder layer's weights (an FSDP unit)
     layer_gradients: int  # bytes of that layer's trainable weights' gradients
     reference: int  # dpo: the frozen reference (a second base, or a copy of the adapter)
+    autocast_copies: int  # bf16/fp16 copies of fp32 trainable linear weights autocast keeps in a forward
     shape: ModelShape
     total_params: int
     trainable_params: int
@@ -121,7 +122,7 @@ def activation_bytes(
     tokens = batch * seq_length
     h, L = shape.hidden, shape.layers
     factor = 10 + 3 * shape.intermediate / h
-    layer = tokens * (h * factor * compute_bytes + h * 4 * 4 + shape.lora_cast_in_features * 4)
+    layer = tokens * (h * (factor * compute_bytes + 4 * 4) + shape.lora_out_features * compute_bytes)
     logits = tokens * shape.vocab * 4 * 2
     if checkpointing:
         return int(tokens * h * L * compute_bytes + layer + logits)
@@ -158,6 +159,9 @@ def estimate(m: Measured, s: Setup) -> Estimate:
         "activations": f"batch {s.batch}{' x 2 (chosen, rejected)' if methods.method(s.method).preference else ''} x "
         f"{s.seq_length} tokens, {'with' if s.gradient_checkpointing else 'no'} gradient checkpointing",
     }
+    if m.autocast_copies:
+        terms["autocast copies"] = m.autocast_copies // w
+        notes["autocast copies"] = "16-bit copies of the fp32 trainable weights, held through each forward"
     if m.reference:
         terms["dpo reference"] = m.reference // w
     if fsdp:

@@ -139,7 +139,23 @@ def meta_model(spec: FineTuneJobSpec, config: Any, precision: Any) -> tuple[Any,
     plan = pet.PetPlan(pet_type, pet_type, qc)
     torch.manual_seed(0)  # adapter init on meta draws nothing, but peft may touch the RNG
     model = pet.apply_pet(model, spec, plan)
+    if qc is not None:
+        _first_forward_casts(model)
     return model, plan
+
+
+def _first_forward_casts(model: Any) -> None:
+    """bitsandbytes' Linear4bit casts its bias to its compute dtype in its first forward (after
+    peft's preparation made it fp32): what a training run holds from its first step on."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if (
+            isinstance(module, bnb.nn.Linear4bit)
+            and module.bias is not None
+            and module.compute_dtype is not None
+        ):
+            module.bias.data = module.bias.data.to(module.compute_dtype)
 
 
 def _quantize_on_meta(model: Any, qc: Any, dtype: Any) -> None:
@@ -275,10 +291,16 @@ def measure(spec: FineTuneJobSpec, config: Any, device: str) -> core.Measured:
     layer_weights = sum(core.sharded_bytes(_rows([p, *quant_state_tensors(p)]), 1) for p in layer_params)
     layer_grads = sum(p.numel() * p.element_size() for p in layer_params if p.requires_grad)
 
-    cast_in = 0
-    adapter_dtypes = {p.dtype for p in groups["adapter"]}
-    if adapter_dtypes and adapter_dtypes != {precision.dtype}:
-        cast_in = sum(m.in_features for n, m in layer0.named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    adapted = [m for m in layer0.modules() if getattr(m, "lora_A", None)]  # peft's LoRA layers
+    compute_bytes = torch.empty((), dtype=precision.dtype).element_size()
+    autocast = 0
+    if compute_bytes < 4:  # autocast runs each linear on a 16-bit copy of its fp32 trainable weight
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        autocast = sum(
+            m.weight.numel() * compute_bytes
+            for m in linears
+            if m.weight.requires_grad and m.weight.dtype == torch.float32
+        )
     out_emb = model.get_output_embeddings()
     vocab = out_emb.weight.shape[0] if out_emb is not None else config.vocab_size
     hidden = config.hidden_size
@@ -287,7 +309,7 @@ def measure(spec: FineTuneJobSpec, config: Any, device: str) -> core.Measured:
         layers=n_layers,
         intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
         vocab=vocab,
-        lora_cast_in_features=cast_in,
+        lora_out_features=sum(m.out_features for m in adapted),
     )
     total, n_trainable = pet.count_parameters(model)[::-1]
     reference = 0
@@ -307,10 +329,11 @@ def measure(spec: FineTuneJobSpec, config: Any, device: str) -> core.Measured:
         layer_weights=layer_weights,
         layer_gradients=layer_grads,
         reference=reference,
+        autocast_copies=autocast,
         shape=shape,
         total_params=total,
         trainable_params=n_trainable,
-        compute_bytes=torch.empty((), dtype=precision.dtype).element_size(),
+        compute_bytes=compute_bytes,
         description=f"{arch}, {describe(spec)}, {precision.name} on {device}",
         notes={
             "weights": _dtypes(groups["weights"])
