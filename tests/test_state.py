@@ -521,6 +521,19 @@ def test_a_gang_that_stops_making_progress_is_restarted_counted() -> None:
     assert decide(status, [pod(0), pod(1)], s=s, now=later(10**6)).status["phase"] == "Running"
 
 
+def test_a_gang_past_its_last_step_is_not_restarted_for_no_progress() -> None:
+    # exporting, uploading and evaluating the final model advance no step; that is not a hang
+    s = spec(progress_timeout_seconds=600)
+    status = running(attempt_start_time=state.iso(NOW - dt.timedelta(hours=1)),
+                     progress_advanced_at=state.iso(NOW - dt.timedelta(hours=1)),
+                     progress={"step": 100, "total_steps": 100, "state": "done"})  # fmt: skip
+    assert decide(status, [pod(0), pod(1)], s=s, now=later(10**4)).status["phase"] == "Running"
+    status["progress"]["state"] = "saving"  # the last step done, the final model being written
+    assert decide(status, [pod(0), pod(1)], s=s, now=later(10**4)).status["phase"] == "Running"
+    status["progress"].update(state="running", step=99)
+    assert decide(status, [pod(0), pod(1)], s=s, now=later(10**4)).status["phase"] == "Restarting"
+
+
 def edited(image: str = "registry.example/trainer:0.2") -> FineTuneJobSpec:
     s = spec()
     s.image = image

@@ -660,6 +660,9 @@ def _no_progress(o: Observed) -> Trouble | None:
     status = o.status or {}
     if not timeout:
         return None
+    progress = status.get("progress") or {}
+    if progress.get("state") == "done" or progress.get("step", 0) >= (progress.get("total_steps") or 10**18):
+        return None  # steps are over: the final export, upload and evaluation run (the deadline still holds)
     running = next((c for c in status.get("conditions") or [] if c.get("type") == "Running"), {})
     marks = [
         parse_time(status.get("progress_advanced_at")),
