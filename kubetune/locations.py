@@ -44,6 +44,8 @@ EVAL_RESULTS_FILE = "eval/results.json"  # scores of the base and trained models
 EVAL_PREDICTIONS_FILE = "eval/predictions.jsonl"  # prompt, reference, base and trained prediction
 LEASE_FILE = "LEASE"  # who writes this output now (trainer lease.py)
 FINISHED_FILE = "FINISHED"  # {"step", "total_steps", "spec_hash"} of a finished run (trainer rerun.py)
+# Tokenized data, one entry per data key (trainer data_cache.py): cache/data/<key>/{train,eval}/ + COMMITTED
+DATA_CACHE_DIR = "cache/data"
 
 # Under the checkpoint URI: step-00000100/ ... step-00000100/COMMITTED (the manifest, written last).
 COMMITTED_FILE = "COMMITTED"
@@ -63,6 +65,7 @@ CACHE_FETCHED_DIR = "fetched"  # s3:// inputs (cache_path)
 CACHE_HF_DIR = "hf"  # hf:// models (huggingface_hub's own cache layout)
 CACHE_WORK_DIR = "work"  # work directories, one per job name
 CACHE_PROGRESS_DIR = "progress"  # the local copy of each job's progress.json
+CACHE_DATA_DIR = "data"  # tokenized-data cache entries of s3:// outputs, fetched (trainer data_cache.py)
 COMPLETE_MARKER = ".kubetune-complete"  # written last into a fetched directory: {"uri", "files"}
 
 
@@ -117,8 +120,8 @@ def default_checkpoint_uri(output: str) -> str:
 
 
 __all__ = [
-    "ADAPTER_DIR", "CACHE_FETCHED_DIR", "CACHE_HF_DIR", "CACHE_PROGRESS_DIR", "CACHE_WORK_DIR", "CHECKPOINTS_DIR",
-    "CHECKPOINT_PARTS_DIR", "COMMITTED_FILE", "COMPLETE_MARKER", "ENV_CACHE_DIR", "ENV_PVC_ROOT", "EVAL_DIR",
+    "ADAPTER_DIR", "CACHE_DATA_DIR", "CACHE_FETCHED_DIR", "CACHE_HF_DIR", "CACHE_PROGRESS_DIR", "CACHE_WORK_DIR", "CHECKPOINTS_DIR",
+    "CHECKPOINT_PARTS_DIR", "COMMITTED_FILE", "COMPLETE_MARKER", "DATA_CACHE_DIR", "ENV_CACHE_DIR", "ENV_PVC_ROOT", "EVAL_DIR",
     "EVAL_PREDICTIONS_FILE", "EVAL_RESULTS_FILE", "FINAL_DIR", "FINISHED_FILE", "LEASE_FILE", "LOSS_PLOT",
     "MERGED_DIR", "METRICS_FILE", "PROGRESS_FILE", "TENSORBOARD_DIR", "TRACKING_FILE", "WORK_CHECKPOINTS_DIR",
     "WORK_DIRS", "WORK_OUTPUT_DIR", "WORK_RESUME_DIR", "WORK_STAGING_DIR", "cache_path", "cache_root",

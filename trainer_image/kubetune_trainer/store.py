@@ -124,6 +124,11 @@ class ObjectStore(ABC):
         """{key: size in bytes} for every object whose key starts with `prefix` (one listing on S3)."""
         return {k: self.size(k) for k in self.list(prefix)}
 
+    def fingerprints(self, prefix: str = "") -> dict[str, str]:
+        """{key: a string that changes when the object does} for every object under `prefix`, without
+        reading them (S3: ETag and size from one listing; elsewhere the size)."""
+        return {k: str(v) for k, v in self.sizes(prefix).items()}
+
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Names of the immediate 'subdirectories' under `prefix` (e.g. ["step-00000100", ...]), sorted."""
         prefix = _clean_key(prefix)
@@ -248,6 +253,10 @@ class _SubStore(ObjectStore):
     def sizes(self, prefix: str = "") -> dict[str, int]:
         base = self.prefix + "/" if self.prefix else ""
         return {k[len(base) :]: v for k, v in self.parent.sizes(base + _clean_key(prefix)).items()}
+
+    def fingerprints(self, prefix: str = "") -> dict[str, str]:
+        base = self.prefix + "/" if self.prefix else ""
+        return {k[len(base) :]: v for k, v in self.parent.fingerprints(base + _clean_key(prefix)).items()}
 
 
 # ---------------------------------------------------------------- local files (file://, paths, pvc://)
@@ -653,6 +662,22 @@ class S3Store(ObjectStore):
 
     def list(self, prefix: str = "") -> list[str]:
         return list(self.sizes(prefix))
+
+    def fingerprints(self, prefix: str = "") -> dict[str, str]:
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        base = self.prefix + "/" if self.prefix else ""
+
+        def run() -> dict[str, str]:
+            out = {}
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    k = obj["Key"]
+                    if k.startswith(base) and not k.endswith("/"):
+                        out[k[len(base) :]] = f"{obj.get('ETag', '').strip(chr(34))}:{int(obj['Size'])}"
+            return dict(sorted(out.items()))
+
+        return self._call("list", prefix, run)
 
     def _head(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError
