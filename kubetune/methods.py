@@ -128,6 +128,23 @@ METHODS: dict[str, Method] = {
             example="examples/pretrain.yaml",
             local_example="examples/local-pretrain.yaml",
         ),
+        Method(
+            name="simpo",
+            summary="simple preference optimisation (SimPO: length-normalised rewards, no reference model)",
+            formats=("preference",),
+            auto_format="preference",
+            text_column_formats=(),
+            detect=("preference",),
+            format_message="method simpo needs a preference dataset (prompt/chosen/rejected); set dataset.format "
+            "to preference",
+            preference=True,
+            reference_model=False,
+            streaming=False,
+            packing=False,
+            chat=True,
+            example="examples/simpo.yaml",
+            local_example="examples/local-simpo.yaml",
+        ),
     )
 }  # fmt: skip
 

@@ -282,6 +282,18 @@ class Training(_Model):
         None, ge=1, description="Evaluate every N steps (default: once per epoch)."
     )
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes per rank.")
+    simpo_beta: float = Field(
+        2.0, gt=0, description="simpo: scale of the length-normalised reward (TRL's beta; the SimPO paper: 2.0 to 2.5)."
+    )
+    simpo_gamma: float = Field(
+        1.0, ge=0, description="simpo: target reward margin the chosen reply must beat the rejected one by."
+    )
+    cpo_alpha: float = Field(
+        0.0, ge=0, description="simpo: weight of CPO's SFT loss on the chosen replies (0: pure SimPO)."
+    )
+    reward_center_coefficient: float | None = Field(
+        None, ge=0, description="reward: weight of a term pulling the rewards toward mean zero (e.g. 0.01)."
+    )
     dpo_beta: float = Field(
         0.1, gt=0, description="dpo: strength of the pull toward the reference model (0.1 to 0.5)."
     )
@@ -785,6 +797,7 @@ class FineTuneJobSpec(_Model):
                 "seq_length", "packing", "seed", "precision", "dpo_beta", "dpo_loss_type", "dpo_sft_weight",
                 "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay",
                 "max_grad_norm", "optimizer", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "simpo_beta", "simpo_gamma", "cpo_alpha", "reward_center_coefficient",
             },
             mode="json",
         )  # fmt: skip

@@ -86,7 +86,7 @@ BAD_FIELDS = [
     ("typo-learning-rate", "spec.training", {"learning_rat": 1e-4}, "spec.training.learning_rat", "did you mean 'learning_rate'?"),
     ("typo-top-level", "spec.pet_conifg", {"pet_type": "lora"}, "spec.pet_conifg", "did you mean 'pet_config'?"),
     ("unknown-field-no-hint", "spec.training", {"flux_capacitor": 1}, "spec.training.flux_capacitor", "unknown field"),
-    ("method-unknown", "spec.method", "ppo", "spec.method", "must be one of 'sft', 'dpo' or 'pretrain'"),
+    ("method-unknown", "spec.method", "ppo", "spec.method", "must be one of 'sft', 'dpo', 'pretrain'"),
     ("format-unknown", "spec.dataset.format", "csv", "spec.dataset.format", "must be one of"),
     ("validation-split-one", "spec.dataset.validation_split", 1.0, "spec.dataset.validation_split", "must be < 1"),
     ("on-bad-row-unknown", "spec.dataset.on_bad_row", "ignore", "spec.dataset.on_bad_row", "one of 'error' or 'skip'"),

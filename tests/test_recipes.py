@@ -133,30 +133,30 @@ def test_the_dataset_format_is_resolved_in_one_place() -> None:
 
 
 def test_a_new_row_is_all_the_rules_need(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A second method that trains on preference pairs: the rules name it with dpo, refuse its
+    """One more method that trains on preference pairs: the rules name it with dpo, refuse its
     other formats, and leave the other methods' rules as they were."""
     dpo = table.METHODS["dpo"]
-    orpo = table.Method(
-        **{**vars(dpo), "name": "orpo", "format_message": "method orpo needs a preference dataset"}
+    newpo = table.Method(
+        **{**vars(dpo), "name": "newpo", "format_message": "method newpo needs a preference dataset"}
     )
     before = {r.cel: r.message for r in table.format_rules()}
-    monkeypatch.setitem(table.METHODS, "orpo", orpo)
+    monkeypatch.setitem(table.METHODS, "newpo", newpo)
     rules = table.format_rules()
     messages = {r.message for r in rules}
-    assert "a preference dataset needs method dpo or orpo" in messages
-    assert "method orpo needs a preference dataset" in messages
+    refused = f"a preference dataset needs method {table.join_or(table.methods_reading('preference'))}"
+    assert refused.startswith("a preference dataset needs method dpo, ") and refused.endswith(" or newpo")
+    assert refused in messages
+    assert "method newpo needs a preference dataset" in messages
     kept = [cel for cel in before if "needs method" not in before[cel]]
     assert set(kept) <= {r.cel for r in rules}
 
     def problems(spec: SimpleNamespace) -> list[str]:
         return [r.message for r in rules if not r.check(spec)]
 
-    assert problems(_spec("orpo", "preference")) == problems(_spec("orpo", "auto")) == []
-    assert problems(_spec("orpo", "alpaca")) == ["method orpo needs a preference dataset"]
-    assert problems(_spec("sft", "preference")) == ["a preference dataset needs method dpo or orpo"]
-    assert problems(_spec("pretrain", "preference", text_column=True)) == [
-        "a preference dataset needs method dpo or orpo"
-    ]
+    assert problems(_spec("newpo", "preference")) == problems(_spec("newpo", "auto")) == []
+    assert problems(_spec("newpo", "alpaca")) == ["method newpo needs a preference dataset"]
+    assert problems(_spec("sft", "preference")) == [refused]
+    assert problems(_spec("pretrain", "preference", text_column=True)) == [refused]
 
 
 def test_auto_detection_follows_the_methods_row() -> None:
