@@ -3,7 +3,9 @@
 Prints the first few rows of the job's dataset as rendered (chat template or ChatML, system
 prompt applied) with the tokens that are in the loss marked -- green on a terminal, ``[[...]]``
 otherwise -- and then the counts for the whole dataset: samples, tokens, trainable tokens,
-truncated samples, samples with no trainable token, skipped bad rows, packed sequences.
+truncated samples, samples with no trainable token, skipped bad rows, packed sequences -- and
+whether the job's tokenized-data cache (data_cache.py) holds these rows (a hit: the counts are the
+cached build's, and training will not tokenize again).
 """
 
 from __future__ import annotations
@@ -129,14 +131,30 @@ def inspect_data(
                 if j:
                     body = f"{GREEN}{body}{RESET}" if color else f"[[{body}]]"
                 print(f"-- {key}:\n{body}", file=out)
-    built = recipe.build_data(job, tokenizer, seed=job.spec.training.seed)
+    from kubetune_trainer.data_cache import lookup
+
+    # read-only: the cache is written by training, which holds the output's lease
+    seed = job.spec.training.seed
+    built, outcome, _ = lookup(recipe, job, tokenizer, seed=seed)
+    if built is None:
+        built = recipe.build_data(job, tokenizer, seed=seed)
     stats = built.stats
     if built.streaming:
         n = sum(1 for _ in built.train_dataset.iter_sequences())
         stats = built.train_dataset.stats
         stats.sequences = n
     _print_stats(stats, out, job)
+    print(f"\n{_cache_line(outcome)}", file=out)
     return stats
+
+
+def _cache_line(outcome: Any) -> str:
+    if outcome.status == "hit":
+        return f"data cache: hit ({outcome.uri}): training loads these rows instead of tokenizing"
+    if outcome.status == "off":
+        return f"data cache: not used ({outcome.reason})"
+    why = f"; the entry there is unreadable ({outcome.reason})" if outcome.status == "rebuilt" else ""
+    return f"data cache: miss{why}: training tokenizes and writes {outcome.uri}"
 
 
 __all__ = ["inspect_data", "load_tokenizer"]

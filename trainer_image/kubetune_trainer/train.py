@@ -69,6 +69,15 @@ _OPTIMIZERS = {
 }
 
 
+def optimizer_name(optimizer: str, device_type: str) -> str:
+    """TrainingArguments.optim for `training.optimizer` on `device_type` ("cuda" | "cpu"): ``auto`` is
+    torch's fused AdamW on CUDA (one kernel per step for all parameters instead of a loop of small
+    ones) and the plain one on CPU, where fusing buys little."""
+    if optimizer == "auto":
+        optimizer = "adamw_torch_fused" if device_type == "cuda" else "adamw_torch"
+    return _OPTIMIZERS[optimizer]
+
+
 @dataclass(frozen=True)
 class DistEnv:
     """This process's place in the torchrun gang (from RANK / WORLD_SIZE / LOCAL_RANK)."""
@@ -163,15 +172,22 @@ def training_kwargs(
         warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=_OPTIMIZERS[t.optimizer],
+        optim=optimizer_name(t.optimizer, precision.device_type),
         seed=t.seed,
         data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=precision.name == "bf16",
         fp16=precision.name == "fp16",
         use_cpu=precision.device_type == "cpu",
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=bool(t.gradient_checkpointing),
+        # offload: transformers keeps the checkpointed layers' saved inputs in pinned host memory (save_on_cpu)
+        activation_checkpointing_kwargs=(
+            {"use_reentrant": False, **({"offload": True} if t.gradient_checkpointing == "offload" else {})}
+            if t.gradient_checkpointing
+            else None
+        ),
+        neftune_noise_alpha=t.neftune_noise_alpha,
+        use_liger_kernel=t.liger_kernel,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
@@ -194,7 +210,7 @@ def training_kwargs(
         from kubetune_trainer.fsdp import fsdp_config
 
         kwargs["fsdp"] = True
-        kwargs["fsdp_config"] = fsdp_config(activation_checkpointing=t.gradient_checkpointing)
+        kwargs["fsdp_config"] = fsdp_config(activation_checkpointing=bool(t.gradient_checkpointing))
         kwargs["activation_checkpointing"] = False  # FSDP's own, without a second all-gather
     kwargs.update(overrides)
     return kwargs
@@ -242,7 +258,12 @@ def run_training(
             spec.model.adapter_uri, s3=spec.storage.s3, field="spec.model.adapter_uri", require_config=False
         )
     tokenizer = model_loading.load_tokenizer(spec, model_dir)
-    data = recipe.build_data(job, tokenizer, seed=spec.training.seed, device_type=precision.device_type)
+    from kubetune_trainer.data_cache import cached_build_data
+
+    # the tokenized data of an earlier start of this job, when nothing it depends on changed
+    data, data_cache = cached_build_data(
+        recipe, job, tokenizer, seed=spec.training.seed, device_type=precision.device_type, rank=dist.rank
+    )
 
     device = f"{precision.device_type}:{dist.local_rank}" if precision.device_type == "cuda" else "cpu"
     model = model_loading.load_model(
@@ -260,6 +281,7 @@ def run_training(
             precision.name, precision.device_type, dist.world_size,
         )  # fmt: skip
         log.info("data: %s", data.stats.summary())
+        log.info("%s", data_cache.describe())
         if spec.training.packing and not recipe.info.packing:
             log.warning(
                 "training.packing is not used by method %s: every sample is scored on its own, padded per batch",
@@ -416,4 +438,7 @@ def quiet_known_noise() -> None:
     hf_logging.disable_progress_bar()
 
 
-__all__ = ["DistEnv", "TrainResult", "local_output_dir", "run_training", "training_arguments", "training_kwargs"]
+__all__ = [
+    "DistEnv", "TrainResult", "local_output_dir", "optimizer_name", "run_training", "training_arguments",
+    "training_kwargs",
+]  # fmt: skip
