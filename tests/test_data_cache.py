@@ -193,6 +193,26 @@ def test_other_ranks_read_what_rank_0_wrote_and_never_write(
     _same(hit, built)
 
 
+def test_other_ranks_wait_for_rank_0_to_build_it(
+    tokenizer: Any, alpaca: Path, tmp_path: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    job = _job(alpaca, tmp_path / "out")
+    monkeypatch.setenv("KUBETUNE_DATA_CACHE_WAIT_SECONDS", "120")
+    rank1 = CountingSFT()
+    got: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(cached_build_data(rank1, job, tokenizer, seed=42, rank=1))
+    )
+    waiter.start()
+    built, outcome = cached_build_data(CountingSFT(), job, tokenizer, seed=42, rank=0)
+    waiter.join(timeout=60)
+    assert outcome.wrote and got and got[0][1].status == "hit" and rank1.builds == 0
+    _same(got[0][0], built)
+    assert not (Path(outcome.uri) / "BUILDING").exists()
+
+
 def test_streaming_and_hub_data_are_not_cached(tokenizer: Any, tmp_path: Path, data_cache: Path) -> None:
     from kubetune_trainer import recipes
 

@@ -18,9 +18,10 @@ everything that changes the rows (:func:`key_inputs`):
   ``data_key_fields``;
 - the code that builds the data (the data pipeline's and the recipes' source files).
 
-Rank 0 of a run builds a missing entry and writes it; other ranks wait for its ``COMMITTED``
-(``$KUBETUNE_DATA_CACHE_WAIT_SECONDS``, default 900) and read it, or build the data themselves after
-that. A hit on a local output memory-maps the entry in place; an s3:// entry is fetched once per node
+Rank 0 of a run builds a missing entry and writes it, with a ``BUILDING`` marker while it does;
+other ranks wait for its ``COMMITTED`` (``$KUBETUNE_DATA_CACHE_WAIT_SECONDS``, default 900) and read
+it, and build the data themselves (without writing) when rank 0 announces no build within a minute,
+gives up writing, or takes longer than that. A hit on a local output memory-maps the entry in place; an s3:// entry is fetched once per node
 into ``$KUBETUNE_CACHE_DIR/data/<key>/``. Loading gives the same rows in the same order as the build
 that wrote them, so a resumed run sees exactly the batches it would have seen.
 
@@ -32,6 +33,7 @@ in place (delete ``<output>/cache/`` to reclaim the space).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -63,6 +65,8 @@ log = logging.getLogger("kubetune.data")
 ENV_WAIT = "KUBETUNE_DATA_CACHE_WAIT_SECONDS"
 _DEFAULT_WAIT = 900.0
 _POLL = 1.0
+_BUILDING_GRACE = 60.0  # how long another rank waits for rank 0 to announce its build
+BUILDING_FILE = "BUILDING"  # rank 0 is building this entry; removed once COMMITTED is written
 # spec.training fields that change the rows (the others change how they are trained on)
 TRAINING_FIELDS = ("seq_length", "packing", "group_by_length", "seed")
 _TOKENIZER_FILES = (
@@ -338,7 +342,7 @@ def _load(root: Path, meta: dict[str, Any], device_type: str) -> BuiltData:
 def _write(
     store: ObjectStore, key: str, built: BuiltData, pad_id: int | None, inputs: dict[str, Any]
 ) -> None:
-    """save_to_disk into local scratch, upload, then COMMITTED last; leftovers of an earlier try go first."""
+    """save_to_disk into local scratch, upload, then COMMITTED last."""
     import datasets
 
     staging = cache_root() / CACHE_DATA_DIR / f".build-{key}-{os.getpid()}"
@@ -354,7 +358,6 @@ def _write(
             for p in sorted(staging.rglob("*"))
             if p.is_file()
         }
-        store.delete_prefix(f"{key}/")
         store.upload_dir(staging, key)
         store.put_bytes(
             f"{key}/{COMMITTED_FILE}", json.dumps(_meta(built, pad_id, files, inputs), indent=1).encode()
@@ -388,34 +391,65 @@ def _wait_seconds() -> float:
         return _DEFAULT_WAIT
 
 
+def _read_entry(
+    store: ObjectStore, key: str, base: str, device_type: str
+) -> tuple[BuiltData | None, CacheOutcome]:
+    uri = f"{base}/{key}"
+    from kubetune_trainer.store import StoreError
+
+    try:
+        meta = _read_marker(store, key)
+        if meta is None:
+            return None, CacheOutcome("miss", uri)
+        return _load(_local_entry(store, key, meta, base), meta, device_type), CacheOutcome("hit", uri)
+    except _Corrupt as e:
+        log.warning("data cache %s: %s; tokenizing again", uri, e)
+        return None, CacheOutcome("rebuilt", uri, reason=str(e))
+    except StoreError as e:
+        log.warning("data cache %s: cannot be read (%s); tokenizing again", uri, e)
+        return None, CacheOutcome("miss", uri, reason=str(e))
+
+
 def lookup(
     recipe: Recipe, job: Any, tokenizer: Any, *, seed: int, device_type: str = "cpu"
 ) -> tuple[BuiltData | None, CacheOutcome, dict[str, Any] | None]:
     """(the cached data or None, what happened, the key inputs): reads, never writes."""
-    from kubetune_trainer.store import StoreError, open_store
+    from kubetune_trainer.store import open_store
 
     inputs, why = key_inputs(recipe, job, tokenizer, seed=seed)
     if inputs is None:
         return None, CacheOutcome("off", reason=why), None
-    key = data_key(inputs)
     base = cache_uri(job)
-    uri = f"{base}/{key}"
+    data, outcome = _read_entry(open_store(base, _s3(job.spec)), data_key(inputs), base, device_type)
+    return data, outcome, inputs
+
+
+def _exists(store: ObjectStore, key: str) -> bool:
+    from kubetune_trainer.store import StoreError
+
     try:
-        store = open_store(base, _s3(job.spec))
-        meta = _read_marker(store, key)
-        if meta is None:
-            return None, CacheOutcome("miss", uri), inputs
-        return (
-            _load(_local_entry(store, key, meta, base), meta, device_type),
-            CacheOutcome("hit", uri),
-            inputs,
-        )
-    except _Corrupt as e:
-        log.warning("data cache %s: %s; tokenizing again", uri, e)
-        return None, CacheOutcome("rebuilt", uri, reason=str(e)), inputs
-    except StoreError as e:
-        log.warning("data cache %s: cannot be read (%s); tokenizing again", uri, e)
-        return None, CacheOutcome("miss", uri, reason=str(e)), inputs
+        return store.exists(key)
+    except StoreError:
+        return False
+
+
+def _wait_for_rank0(store: ObjectStore, key: str, base: str, device_type: str) -> BuiltData | None:
+    """A rank but 0 on a miss: rank 0 announces its build with BUILDING (within a short grace) and
+    commits it; wait for that, up to $KUBETUNE_DATA_CACHE_WAIT_SECONDS. None: build it yourself."""
+    wait = _wait_seconds()
+    started = time.monotonic()
+    seen_building = False
+    while time.monotonic() - started < wait:
+        if _exists(store, f"{key}/{COMMITTED_FILE}"):
+            return _read_entry(store, key, base, device_type)[0]
+        building = _exists(store, f"{key}/{BUILDING_FILE}")
+        if seen_building and not building:  # rank 0 gave up writing it
+            return _read_entry(store, key, base, device_type)[0]
+        seen_building = seen_building or building
+        if not seen_building and time.monotonic() - started > min(_BUILDING_GRACE, wait):
+            return None  # rank 0 is not building this key (other data here?)
+        time.sleep(_POLL)
+    return None
 
 
 def cached_build_data(
@@ -426,27 +460,40 @@ def cached_build_data(
     from kubetune_trainer.store import StoreError, open_store
 
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    data, outcome, inputs = lookup(recipe, job, tokenizer, seed=seed, device_type=device_type)
+    inputs, why = key_inputs(recipe, job, tokenizer, seed=seed)
+    if inputs is None:
+        return recipe.build_data(job, tokenizer, seed=seed, device_type=device_type), CacheOutcome(
+            "off", reason=why
+        )
+    key = data_key(inputs)
+    base = cache_uri(job)
+    store = open_store(base, _s3(job.spec))
+    data, outcome = _read_entry(store, key, base, device_type)
     if data is not None:
         return data, outcome
-    if rank != 0 and inputs is not None and outcome.status == "miss":
-        deadline = time.monotonic() + _wait_seconds()
-        while time.monotonic() < deadline:  # rank 0 is building it
-            time.sleep(_POLL)
-            data, outcome, _ = lookup(recipe, job, tokenizer, seed=seed, device_type=device_type)
-            if data is not None or outcome.status != "miss":
-                break
+    if rank != 0:
+        data = _wait_for_rank0(store, key, base, device_type) if outcome.status == "miss" else None
         if data is not None:
-            return data, outcome
-    built = recipe.build_data(job, tokenizer, seed=seed, device_type=device_type)
-    if inputs is None or rank != 0 or built.streaming:
-        return built, outcome
-    key = data_key(inputs)
+            return data, CacheOutcome("hit", outcome.uri)
+        return recipe.build_data(job, tokenizer, seed=seed, device_type=device_type), outcome
+    try:  # what a damaged entry or a killed write left, then tell the other ranks to wait
+        store.delete_prefix(f"{key}/")
+        store.put_bytes(
+            f"{key}/{BUILDING_FILE}", json.dumps({"pid": os.getpid(), "time": time.time()}).encode()
+        )
+    except StoreError as e:
+        log.warning("data cache %s: cannot be written (%s); the next start tokenizes again", outcome.uri, e)
+        return recipe.build_data(job, tokenizer, seed=seed, device_type=device_type), outcome
     try:
-        _write(open_store(cache_uri(job), _s3(job.spec)), key, built, _pad_id(tokenizer), inputs)
-    except (StoreError, OSError) as e:
-        log.warning("data cache %s: not written (%s); the next start tokenizes again", outcome.uri, e)
-        return built, CacheOutcome(outcome.status, outcome.uri, reason=str(e))
+        built = recipe.build_data(job, tokenizer, seed=seed, device_type=device_type)
+        try:
+            _write(store, key, built, _pad_id(tokenizer), inputs)
+        except (StoreError, OSError) as e:
+            log.warning("data cache %s: not written (%s); the next start tokenizes again", outcome.uri, e)
+            return built, CacheOutcome(outcome.status, outcome.uri, reason=str(e))
+    finally:
+        with contextlib.suppress(StoreError):
+            store.delete(f"{key}/{BUILDING_FILE}")
     return built, CacheOutcome(outcome.status, outcome.uri, wrote=True)
 
 
