@@ -46,6 +46,19 @@ def _structural(node: dict[str, Any], name: str = "") -> dict[str, Any]:
                 }
             ],
         }
+    scalars = node.pop("x-kubetune-scalar-enum", None)
+    if scalars is not None:
+        # booleans and strings in one field (true / 'offload'): no structural type says that, so CEL does
+        bools = [str(v).lower() for v in scalars if isinstance(v, bool)]
+        strings = [v for v in scalars if isinstance(v, str)]
+        alternatives = [f"(type(self) == bool && self == {b})" for b in bools]
+        alternatives.append(f"(type(self) == string && self in [{', '.join(repr(v) for v in strings)}])")
+        shown = ", ".join(str(v).lower() if isinstance(v, bool) else repr(v) for v in scalars)
+        return {
+            "description": node.get("description", ""),
+            "x-kubernetes-preserve-unknown-fields": True,
+            "x-kubernetes-validations": [{"rule": " || ".join(alternatives), "message": f"must be one of {shown}"}],
+        }
     if "anyOf" in node:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:

@@ -216,6 +216,25 @@ class PetConfig(_Model):
         description="freeze: module name patterns left trainable instead of the last layers.",
     )
     quantization: Quantization | None = Field(None, description="qlora: how the frozen base is quantized.")
+    use_dora: bool = Field(
+        False,
+        description="lora/qlora: DoRA (peft use_dora): each adapted weight is split into a magnitude per output "
+        "feature, trained, and a direction that LoRA updates; closer to full fine-tuning at low ranks, slower steps.",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="lora/qlora: rank-stabilised LoRA (peft use_rslora): the update is scaled by "
+        "lora_alpha/sqrt(lora_rank) instead of lora_alpha/lora_rank, so high ranks still learn.",
+    )
+    init_lora_weights: Literal[True, "gaussian", "pissa", "olora"] = Field(
+        True,
+        description="lora/qlora: how a new adapter starts (peft init_lora_weights). true: A random, B zero (the "
+        "model starts as the base). gaussian: A Gaussian, B zero. pissa: A and B from each weight's principal "
+        "singular vectors, taken out of the base weight (needs an unquantized base: pet_type lora). olora: A and "
+        "B from a QR decomposition of each weight, likewise taken out. final/adapter is converted to a plain LoRA "
+        "adapter of the unchanged base.",
+        json_schema_extra={"x-kubetune-scalar-enum": [True, "gaussian", "pissa", "olora"]},
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -226,6 +245,19 @@ class PetConfig(_Model):
         elif v != "all-linear":
             compile_module_regex(v)
         return v
+
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _init(cls, v: Any) -> Any:
+        return _scalar_choice(v, (True, "gaussian", "pissa", "olora"))
+
+
+def _scalar_choice(v: Any, choices: tuple[Any, ...]) -> Any:
+    """`v` when it is one of `choices` (booleans and strings, compared with their type: 1 is not true)."""
+    if any(type(v) is type(c) and v == c for c in choices):
+        return v
+    shown = ", ".join(str(c).lower() if isinstance(c, bool) else repr(c) for c in choices)
+    raise ValueError(f"must be one of {shown}, got {v!r}")
 
 
 # ---------------------------------------------------------------- training
@@ -257,8 +289,12 @@ class Training(_Model):
         "shuffled by the seed each epoch) so batches carry less padding; exact on resume. For unpacked "
         "sft and pretrain data (packed rows are all about seq_length long).",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward to save memory."
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        False,
+        description="Recompute activations in backward to save memory. offload: also keep the activations saved "
+        "for the recompute in pinned host memory instead of on the GPU (transformers' activation offloading, "
+        "torch save_on_cpu); frees layers x seq_length x hidden bytes of GPU memory for slower steps. CUDA only.",
+        json_schema_extra={"x-kubetune-scalar-enum": [True, False, "offload"]},
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -266,8 +302,10 @@ class Training(_Model):
         "bf16 (AMX or AVX512-BF16 flags), else fp32. bf16 autocasts the compute and keeps trainable weights "
         "(full, freeze) and LoRA adapters in fp32.",
     )
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = Field(
-        "adamw_torch", description="Optimizer."
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = Field(
+        "auto",
+        description="Optimizer. auto: AdamW, fused (adamw_torch_fused: one kernel for all parameters) on CUDA "
+        "GPUs, adamw_torch on CPU.",
     )
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule."
@@ -282,6 +320,31 @@ class Training(_Model):
         None, ge=1, description="Evaluate every N steps (default: once per epoch)."
     )
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes per rank.")
+    neftune_noise_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="NEFTune (transformers neftune_noise_alpha): uniform noise of scale alpha/sqrt(tokens x "
+        "hidden) added to the input embeddings in training steps only (evaluation and the exported model see "
+        "none); 5 to 15 is typical for instruction tuning.",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto",
+        description="Attention kernel the model is loaded with (from_pretrained attn_implementation). auto: "
+        "transformers' choice (sdpa where the model supports it). flash_attention_2 needs a CUDA GPU, the "
+        "flash-attn package and bf16/fp16; with packing it trains padding-free (a batch is one row of its "
+        "samples, varlen kernels). flex_attention needs a torch that has it.",
+    )
+    liger_kernel: bool = Field(
+        False,
+        description="Liger's Triton kernels (transformers use_liger_kernel): fused RMSNorm, RoPE, SwiGLU and "
+        "fused linear cross-entropy for the model's architecture, for less memory and faster steps. Needs a "
+        "CUDA GPU and the liger-kernel package.",
+    )
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, v: Any) -> Any:
+        return _scalar_choice(v, (True, False, "offload"))
     simpo_beta: float = Field(
         2.0, gt=0, description="simpo: scale of the length-normalised reward (TRL's beta; the SimPO paper: 2.0 to 2.5)."
     )
@@ -297,6 +360,7 @@ class Training(_Model):
     dpo_beta: float = Field(
         0.1, gt=0, description="dpo: strength of the pull toward the reference model (0.1 to 0.5)."
     )
+
     dpo_loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="dpo: preference loss.")
     dpo_sft_weight: float = Field(
         0.0, ge=0, description="dpo: weight of an added SFT loss on the chosen answers."
@@ -856,6 +920,26 @@ _FORMAT_RULES = [Rule("spec", r.path, r.cel, r.message, r.check) for r in _metho
 # methods whose data has no replies to compare an evaluation's generations with
 _NO_REPLIES = tuple(m.name for m in _methods.METHODS.values() if not m.chat)
 
+# pet_config fields that configure LoRA adapters, each refused with another pet_type: (field, CEL "at default")
+_LORA_ONLY = [
+    ("use_dora", "!has(self.use_dora) || !self.use_dora", lambda p: not p.use_dora),
+    ("use_rslora", "!has(self.use_rslora) || !self.use_rslora", lambda p: not p.use_rslora),
+    (
+        "init_lora_weights",
+        "!has(self.init_lora_weights) || (type(self.init_lora_weights) == bool && self.init_lora_weights)",
+        lambda p: p.init_lora_weights is True,
+    ),
+]
+_LORA_ONLY_RULES = [
+    Rule(
+        "spec.pet_config", f"spec.pet_config.{name}",
+        f"self.pet_type in ['lora', 'qlora'] || {cel}",
+        f"{name} is a LoRA setting: it needs pet_type lora or qlora",
+        lambda s, unset=unset: s.pet_config.pet_type in ("lora", "qlora") or unset(s.pet_config),
+    )
+    for name, cel, unset in _LORA_ONLY
+]  # fmt: skip
+
 CROSS_FIELD_RULES: list[Rule] = [
     Rule(
         "spec", "spec.model.uri",
@@ -890,6 +974,32 @@ CROSS_FIELD_RULES: list[Rule] = [
         "|| !has(self.pet_config) || !has(self.pet_config.pet_type) || self.pet_config.pet_type != 'qlora'",
         "strategy fsdp is not supported with qlora; use ddp",
         lambda s: s.parallel_config.strategy != "fsdp" or s.pet_config.pet_type != "qlora",
+    ),
+    *_LORA_ONLY_RULES,
+    Rule(
+        "spec.pet_config", "spec.pet_config.init_lora_weights",
+        "!has(self.init_lora_weights) || self.pet_type != 'qlora' || type(self.init_lora_weights) != string "
+        "|| self.init_lora_weights != 'pissa'",
+        "init_lora_weights pissa needs the unquantized base weights (peft cannot decompose 4/8-bit ones): use "
+        "pet_type lora, or init_lora_weights olora with qlora",
+        lambda s: not (s.pet_config.pet_type == "qlora" and s.pet_config.init_lora_weights == "pissa"),
+    ),
+    Rule(
+        "spec", "spec.pet_config.init_lora_weights",
+        "!has(self.model.adapter_uri) || !has(self.pet_config) || !has(self.pet_config.init_lora_weights) "
+        "|| (type(self.pet_config.init_lora_weights) == bool && self.pet_config.init_lora_weights)",
+        "init_lora_weights sets how a new adapter starts; model.adapter_uri continues a trained one: leave "
+        "init_lora_weights at true",
+        lambda s: s.model.adapter_uri is None or s.pet_config.init_lora_weights is True,
+    ),
+    Rule(
+        "spec", "spec.training.gradient_checkpointing",
+        "!has(self.training) || !has(self.training.gradient_checkpointing) "
+        "|| type(self.training.gradient_checkpointing) != string || !has(self.parallel_config) "
+        "|| !has(self.parallel_config.strategy) || self.parallel_config.strategy != 'fsdp'",
+        "gradient_checkpointing offload is not supported with strategy fsdp (FSDP checkpoints activations itself): "
+        "use true",
+        lambda s: s.training.gradient_checkpointing != "offload" or s.parallel_config.strategy != "fsdp",
     ),
     Rule(
         "spec", *_methods.streaming_rule(),

@@ -113,6 +113,11 @@ BAD_FIELDS = [
     ("s3-endpoint-with-user", "spec.storage.s3", {"endpoint": "https://AKIAEXAMPLE@s3.example.com/"}, "spec.storage.s3.endpoint", "credentials_secret"),
     ("nnodes-a-billion", "spec.parallel_config.nnodes", 1000000000, "spec.parallel_config.nnodes", "must be <= 512, got 1000000000"),
     ("nproc-per-node-too-many", "spec.parallel_config.nproc_per_node", 65, "spec.parallel_config.nproc_per_node", "must be <= 64, got 65"),
+    ("init-lora-weights-loftq", "spec.pet_config.init_lora_weights", "loftq", "spec.pet_config.init_lora_weights", "must be one of true, 'gaussian', 'pissa', 'olora', got 'loftq'"),
+    ("init-lora-weights-false", "spec.pet_config.init_lora_weights", False, "spec.pet_config.init_lora_weights", "must be one of true,"),
+    ("gradient-checkpointing-yes", "spec.training.gradient_checkpointing", "yes", "spec.training.gradient_checkpointing", "must be one of true, false, 'offload', got 'yes'"),
+    ("attn-implementation-unknown", "spec.training.attn_implementation", "flash", "spec.training.attn_implementation", "must be one of 'auto', 'sdpa', 'eager'"),
+    ("neftune-alpha-zero", "spec.training.neftune_noise_alpha", 0, "spec.training.neftune_noise_alpha", "must be > 0"),
 ]  # fmt: skip
 
 # Cross-field rules: (case id, spec patch, expected field path, expected words)
@@ -126,6 +131,12 @@ BAD_COMBINATIONS = [
     ("sft-with-text", {"dataset": {"uri": "s3://data/c.txt", "format": "text"}}, "spec.dataset.format", "use method pretrain"),
     ("adapter-with-full", {"model": {"uri": "s3://models/qwen", "adapter_uri": "s3://runs/sft/final/adapter"}, "pet_config": {"pet_type": "full"}}, "spec.model.adapter_uri", "needs pet_type lora or qlora"),
     ("fsdp-with-qlora", {"pet_config": {"pet_type": "qlora", "quantization": {"bits": 4}}, "parallel_config": {"strategy": "fsdp"}}, "spec.parallel_config.strategy", "not supported with qlora"),
+    ("dora-with-full", {"pet_config": {"pet_type": "full", "use_dora": True}}, "spec.pet_config.use_dora", "use_dora is a LoRA setting: it needs pet_type lora or qlora"),
+    ("rslora-with-freeze", {"pet_config": {"pet_type": "freeze", "use_rslora": True}}, "spec.pet_config.use_rslora", "needs pet_type lora or qlora"),
+    ("gaussian-init-with-full", {"pet_config": {"pet_type": "full", "init_lora_weights": "gaussian"}}, "spec.pet_config.init_lora_weights", "needs pet_type lora or qlora"),
+    ("pissa-with-qlora", {"pet_config": {"pet_type": "qlora", "quantization": {"bits": 4}, "init_lora_weights": "pissa"}}, "spec.pet_config.init_lora_weights", "pissa needs the unquantized base weights"),
+    ("olora-with-adapter-uri", {"model": {"uri": "s3://models/qwen", "adapter_uri": "s3://runs/sft/final/adapter"}, "pet_config": {"init_lora_weights": "olora"}}, "spec.pet_config.init_lora_weights", "model.adapter_uri continues a trained one"),
+    ("offload-with-fsdp", {"training": {"gradient_checkpointing": "offload"}, "parallel_config": {"strategy": "fsdp"}}, "spec.training.gradient_checkpointing", "not supported with strategy fsdp"),
     ("streaming-without-max-steps", {"method": "pretrain", "dataset": {"uri": "s3://data/c4.jsonl", "streaming": True}}, "spec.training.max_steps", "needs training.max_steps"),
     ("streaming-with-sft", {"dataset": {"uri": "s3://data/a.json", "streaming": True}, "training": {"max_steps": 10}}, "spec.dataset.streaming", "pretrain only"),
     ("backoff-bounds", {"restart_policy": {"backoff_seconds": 600, "max_backoff_seconds": 60}}, "spec.restart_policy.max_backoff_seconds", ">= backoff_seconds"),

@@ -52,10 +52,14 @@ def export_final(
     written: dict[str, Path] = {}
     if plan.uses_adapter:
         adapter = _fresh_dir(output_dir / ADAPTER_DIR)
+        from kubetune_trainer.pet import initial_adapter_dir
+
+        initial = initial_adapter_dir(model)  # PiSSA/OLoRA: written as plain LoRA of the unchanged base
         # the base's embedding / output matrices stay out of the adapter even when LoRA targets them
         model.save_pretrained(
-            adapter, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
-        )
+            adapter, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False,
+            path_initial_model_for_weight_conversion=str(initial) if initial is not None else None,
+        )  # fmt: skip
         save_tokenizer(tokenizer, spec, adapter)
         _record_base_model(adapter, spec.model.uri)
         written["adapter"] = adapter

@@ -69,13 +69,14 @@ def _method_problem(job: Any) -> str | None:
     from kubetune_trainer.train import quiet_known_noise
 
     quiet_known_noise()  # before anything imports bitsandbytes: it warns once, at import
-    from kubetune_trainer import model_loading, pet
+    from kubetune_trainer import model_loading, pet, switches
     from kubetune_trainer.errors import JobError
 
     spec = job.spec
     try:
         precision = model_loading.resolve_precision(spec.training.precision)
         pet.plan_pet(spec, precision)
+        switches.check_switches(spec, precision)
         if spec.model.uri.split("://", 1)[0] not in ("s3", "hf"):
             model_loading.resolve_model_dir(spec.model.uri)
     except JobError as e:

@@ -12,7 +12,8 @@
   stops with a one-line message saying to copy the model to s3:// or a PVC.
 
 Weights are read from safetensors only (no pickle). The dtype follows ``training.precision``
-(:func:`resolve_precision`); ``trust_remote_code`` is passed only when the spec sets it.
+(:func:`resolve_precision`); ``trust_remote_code`` is passed only when the spec sets it, and
+``training.attn_implementation`` unless it is ``auto`` (:mod:`switches` checked it can run here).
 """
 
 from __future__ import annotations
@@ -232,6 +233,8 @@ def load_model(
         "use_safetensors": True,
         "trust_remote_code": spec.model.trust_remote_code,
     }
+    if spec.training.attn_implementation != "auto":  # auto: transformers' own choice (sdpa where supported)
+        kwargs["attn_implementation"] = spec.training.attn_implementation
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device or precision.device_type}

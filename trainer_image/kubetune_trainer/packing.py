@@ -169,4 +169,32 @@ class DataCollator:
         return batch
 
 
-__all__ = ["PACK_WINDOW", "DataCollator", "chunk", "pack_best_fit", "pack_blocks", "pack_greedy", "segments"]
+@dataclass
+class PaddingFreeCollator:
+    """Packed rows as one row without padding, for flash attention's variable-length kernels
+    (``training.attn_implementation: flash_attention_2`` with ``training.packing``).
+
+    Every sample of every packed row (a run of ``position_ids`` from 0) becomes a sequence of its own
+    for transformers' ``DataCollatorWithFlattening``, which concatenates them into a ``[1, tokens]``
+    batch with ``position_ids`` restarting at each sample and no ``attention_mask``; flash attention
+    reads the sample boundaries from the position ids. The batch holds exactly the rows' tokens, no
+    padding, and samples still never attend to each other.
+    """
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        from transformers import DataCollatorWithFlattening
+
+        samples = []
+        for f in features:
+            ids, labels, pos = list(f["input_ids"]), list(f["labels"]), [int(p) for p in f["position_ids"]]
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
+            for a, b in zip(starts, starts[1:], strict=False):
+                # the first label of each sample is already -100: the flattening collator's separator
+                samples.append({"input_ids": ids[a:b], "labels": labels[a:b]})
+        return DataCollatorWithFlattening(return_tensors="pt")(samples)
+
+
+__all__ = [
+    "PACK_WINDOW", "DataCollator", "PaddingFreeCollator", "chunk", "pack_best_fit", "pack_blocks", "pack_greedy",
+    "segments",
+]  # fmt: skip

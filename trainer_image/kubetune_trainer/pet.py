@@ -14,6 +14,14 @@ applied to a loaded model.
 - ``qlora``: the base is loaded quantized by bitsandbytes (4-bit NF4/FP4, optional double
   quantization, or 8-bit), prepared with peft's ``prepare_model_for_kbit_training``, then LoRA.
 
+LoRA and QLoRA adapters take peft's variants: ``use_dora`` (DoRA: a trained magnitude vector per
+adapted weight, ``lora_magnitude_vector``), ``use_rslora`` (scaling alpha/sqrt(r) instead of alpha/r)
+and ``init_lora_weights`` (``gaussian``; ``pissa`` and ``olora`` start A and B from an SVD / QR of
+each weight and take that part out of the base weight). A PiSSA/OLoRA adapter only means something
+on the changed base, so :func:`apply_pet` keeps the adapter as initialised and the export hands it
+to peft (:func:`initial_adapter_dir`), which writes final/adapter as a plain LoRA adapter of the
+unchanged base (rank 2r: the trained adapter minus the initial one).
+
 Full and freeze keep trainable weights in fp32 when the model is loaded in bf16/fp16 (mixed
 precision then autocasts), so optimizer updates are not lost to rounding; LoRA adapters are fp32
 through peft's own autocast of adapter dtypes.
@@ -72,6 +80,13 @@ def plan_pet(spec: FineTuneJobSpec, precision: Precision) -> PetPlan:
         )
         return PetPlan("freeze", f"freeze (only the {what} train)")
     lora = f"rank {pc.lora_rank}, alpha {pc.lora_alpha}, target_modules {_show_targets(pc.target_modules)}"
+    variants = [
+        *(["DoRA"] if pc.use_dora else []),
+        *(["rsLoRA"] if pc.use_rslora else []),
+        *([f"init {pc.init_lora_weights}"] if pc.init_lora_weights is not True else []),
+    ]
+    if variants:
+        lora += f", {', '.join(variants)}"
     if pet == "lora":
         return PetPlan("lora", f"lora ({lora})")
     q = pc.quantization
@@ -154,11 +169,14 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------- after loading
 
 
-def apply_pet(model: Any, spec: FineTuneJobSpec, plan: PetPlan, *, adapter_dir: Path | None = None) -> Any:
+def apply_pet(
+    model: Any, spec: FineTuneJobSpec, plan: PetPlan, *, adapter_dir: Path | None = None, scratch: Path | None = None
+) -> Any:
     """Set what trains on a loaded model; LoRA/QLoRA return a peft model.
 
     `adapter_dir`: an existing adapter (spec.model.adapter_uri, resolved) to keep training instead
-    of new adapters.
+    of new adapters. `scratch`: where a PiSSA/OLoRA adapter's initial state is kept for the export (a
+    temporary directory when None).
     """
     pc = spec.pet_config
     if plan.pet_type == "full":
@@ -181,22 +199,71 @@ def apply_pet(model: Any, spec: FineTuneJobSpec, plan: PetPlan, *, adapter_dir: 
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     if adapter_dir is not None:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        _check_adapter_variant(peft_model.peft_config["default"], spec)
+        return peft_model
     config = LoraConfig(
         r=pc.lora_rank,
         lora_alpha=pc.lora_alpha,
         lora_dropout=pc.lora_dropout,
         target_modules=resolve_target_modules(model, pc.target_modules),
         bias="none",
+        use_dora=pc.use_dora,
+        use_rslora=pc.use_rslora,
+        init_lora_weights=pc.init_lora_weights,
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise JobError(
             f"spec.pet_config.target_modules {_show_targets(pc.target_modules)!r}: {_first_line(e)} "
             f"(linear modules of this model end in: {', '.join(linear_module_suffixes(model))})"
         ) from None
+    if pc.init_lora_weights in _MUTATING_INITS:
+        _keep_initial_adapter(peft_model, scratch)
+    return peft_model
+
+
+# inits that take their part out of the base weights: the adapter is converted at export
+_MUTATING_INITS = ("pissa", "olora")
+_INITIAL_ADAPTER_ATTR = "kubetune_initial_adapter"
+
+
+def _keep_initial_adapter(peft_model: Any, scratch: Path | None) -> None:
+    """Save the adapter as initialised, with a plain-LoRA config (what peft's conversion expects: loading
+    it must not decompose the already changed base again)."""
+    import tempfile
+
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    where = Path(tempfile.mkdtemp(prefix="initial-adapter-", dir=scratch)) / "initial"
+    cfg = peft_model.peft_config["default"]
+    init, cfg.init_lora_weights = cfg.init_lora_weights, True
+    try:
+        peft_model.save_pretrained(str(where), safe_serialization=True, save_embedding_layers=False)
+    finally:
+        cfg.init_lora_weights = init
+    setattr(peft_model, _INITIAL_ADAPTER_ATTR, where)
+
+
+def initial_adapter_dir(model: Any) -> Path | None:
+    """The initial state of a PiSSA/OLoRA adapter (peft's ``path_initial_model_for_weight_conversion``),
+    or None for adapters that need no conversion."""
+    return getattr(model, _INITIAL_ADAPTER_ATTR, None)
+
+
+def _check_adapter_variant(config: Any, spec: FineTuneJobSpec) -> None:
+    """An adapter continued from model.adapter_uri keeps its own DoRA / rsLoRA: a spec saying otherwise is
+    refused rather than ignored."""
+    pc = spec.pet_config
+    for field, ours in (("use_dora", pc.use_dora), ("use_rslora", pc.use_rslora)):
+        theirs = bool(getattr(config, field, False))
+        if theirs != ours:
+            raise JobError(
+                f"spec.pet_config.{field} is {str(ours).lower()} but the adapter at spec.model.adapter_uri was "
+                f"trained with {field} {str(theirs).lower()}: set {field}: {str(theirs).lower()}"
+            )
 
 
 def resolve_target_modules(model: Any, target_modules: str | list[str]) -> str | list[str]:

@@ -250,12 +250,12 @@ def meta_optimizer(model: Any, spec: FineTuneJobSpec) -> Any:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from kubetune_trainer.train import _OPTIMIZERS  # spec.training.optimizer -> TrainingArguments.optim
+    from kubetune_trainer.train import optimizer_name  # spec.training.optimizer -> TrainingArguments.optim
 
     t = spec.training
     with tempfile.TemporaryDirectory(prefix="kubetune-plan-") as tmp:
         args = TrainingArguments(
-            output_dir=tmp, optim=_OPTIMIZERS[t.optimizer], learning_rate=t.learning_rate,
+            output_dir=tmp, optim=optimizer_name(t.optimizer, "cuda"), learning_rate=t.learning_rate,
             weight_decay=t.weight_decay, use_cpu=True, report_to=[],
         )  # fmt: skip
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -381,7 +381,7 @@ def setup_of(spec: FineTuneJobSpec, device: str) -> core.Setup:
         batch=t.per_device_train_batch_size,
         accumulation=t.gradient_accumulation_steps,
         seq_length=t.seq_length,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=bool(t.gradient_checkpointing),
         nnodes=pc.nnodes,
         nproc_per_node=nproc,
         strategy=pc.strategy,

@@ -216,6 +216,19 @@ def training_kwargs(
     return kwargs
 
 
+def padding_free(data: Any, spec: FineTuneJobSpec) -> Any:
+    """`data` with the padding-free collator where flash attention trains packed rows (its varlen kernels
+    take one row of all samples); other data as it is. Streamed rows keep their fixed width: accelerate
+    concatenates one batch per rank when it dispatches them."""
+    if spec.training.attn_implementation != "flash_attention_2" or not data.packed or data.streaming:
+        return data
+    import dataclasses
+
+    from kubetune_trainer.packing import PaddingFreeCollator
+
+    return dataclasses.replace(data, data_collator=PaddingFreeCollator())
+
+
 def run_training(
     job: FineTuneJob,
     *,
@@ -230,7 +243,7 @@ def run_training(
     quiet_known_noise()
     from transformers import PrinterCallback, ProgressCallback
 
-    from kubetune_trainer import model_loading, pet, recipes, tracking
+    from kubetune_trainer import model_loading, pet, recipes, switches, tracking
     from kubetune_trainer.recipes import TrainerSetup
     from kubetune_trainer.reporting import ReportingCallback
 
@@ -248,6 +261,7 @@ def run_training(
     _use_own_gpu(dist)
     precision = model_loading.resolve_precision(spec.training.precision)
     plan = pet.plan_pet(spec, precision)
+    switches.check_switches(spec, precision)
     tracking.check_installed(spec)
     model_dir = model_loading.resolve_model_dir(
         spec.model.uri, s3=spec.storage.s3, revision=spec.model.revision
@@ -265,6 +279,8 @@ def run_training(
         recipe, job, tokenizer, seed=spec.training.seed, device_type=precision.device_type, rank=dist.rank
     )
 
+    data = padding_free(data, spec)
+
     device = f"{precision.device_type}:{dist.local_rank}" if precision.device_type == "cuda" else "cpu"
     model = model_loading.load_model(
         model_dir, spec, precision, quantization_config=plan.quantization_config, device=device
@@ -272,7 +288,7 @@ def run_training(
     from transformers import set_seed
 
     set_seed(spec.training.seed)  # adapter init (LoRA A) is random: the same seed gives the same run
-    model = pet.apply_pet(model, spec, plan, adapter_dir=adapter_dir)
+    model = pet.apply_pet(model, spec, plan, adapter_dir=adapter_dir, scratch=workdir)
     trainable, total = pet.count_parameters(model)
     if dist.is_main:
         log.info(
@@ -439,6 +455,6 @@ def quiet_known_noise() -> None:
 
 
 __all__ = [
-    "DistEnv", "TrainResult", "local_output_dir", "optimizer_name", "run_training", "training_arguments",
-    "training_kwargs",
+    "DistEnv", "TrainResult", "local_output_dir", "optimizer_name", "padding_free", "run_training",
+    "training_arguments", "training_kwargs",
 ]  # fmt: skip
