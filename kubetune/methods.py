@@ -67,6 +67,8 @@ class Method:
     chat: bool
     example: str  # a job for a cluster, under examples/
     local_example: str  # the same method on the tiny model and shipped data (`kubetune run`)
+    # the trained model is a language model (it generates, has a perplexity); False: a reward model's scores
+    generates: bool = True
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -144,6 +146,24 @@ METHODS: dict[str, Method] = {
             chat=True,
             example="examples/simpo.yaml",
             local_example="examples/local-simpo.yaml",
+        ),
+        Method(
+            name="reward",
+            summary="a reward model (a score head trained on preference pairs)",
+            formats=("preference",),
+            auto_format="preference",
+            text_column_formats=(),
+            detect=("preference",),
+            format_message="method reward needs a preference dataset (prompt/chosen/rejected); set dataset.format "
+            "to preference",
+            preference=True,
+            reference_model=False,
+            streaming=False,
+            packing=False,
+            chat=True,
+            example="examples/reward.yaml",
+            local_example="examples/local-reward.yaml",
+            generates=False,
         ),
     )
 }  # fmt: skip

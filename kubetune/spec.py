@@ -919,6 +919,8 @@ class Rule:
 _FORMAT_RULES = [Rule("spec", r.path, r.cel, r.message, r.check) for r in _methods.format_rules()]
 # methods whose data has no replies to compare an evaluation's generations with
 _NO_REPLIES = tuple(m.name for m in _methods.METHODS.values() if not m.chat)
+# methods that train a model which does not generate (a reward model): nothing to evaluate
+_NO_GENERATION = tuple(m.name for m in _methods.METHODS.values() if not m.generates)
 
 # pet_config fields that configure LoRA adapters, each refused with another pet_type: (field, CEL "at default")
 _LORA_ONLY = [
@@ -1031,6 +1033,13 @@ CROSS_FIELD_RULES: list[Rule] = [
         f"method {_methods.join_or(_NO_REPLIES)} has no replies to compare generations with: evaluate it with "
         "metrics [perplexity]",
         lambda s: s.evaluation is None or s.method not in _NO_REPLIES or s.evaluation.metrics == ["perplexity"],
+    ),
+    Rule(
+        "spec", "spec.evaluation",
+        f"!has(self.evaluation) || !(self.method in {_methods.cel_list(_NO_GENERATION)})",
+        f"method {_methods.join_or(_NO_GENERATION)} trains a model that scores replies and does not generate them: "
+        "remove spec.evaluation (the held-out pairs' preference accuracy is eval_accuracy in metrics.jsonl)",
+        lambda s: s.evaluation is None or s.method not in _NO_GENERATION,
     ),
     Rule(
         "spec.restart_policy", "spec.restart_policy.max_backoff_seconds",

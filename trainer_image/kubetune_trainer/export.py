@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune import methods
 from kubetune.conventions import ADAPTER_DIR, MERGED_DIR
+from kubetune_trainer.recipes.base import CAUSAL_LM, ModelHead
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJobSpec
@@ -42,12 +43,14 @@ def export_final(
     precision: Precision,
     model_dir: Path,
     state_dict: dict[str, Any] | None = None,
+    head: ModelHead | None = None,
 ) -> dict[str, Path]:
     """Write final/adapter and/or final/merged; returns {"adapter": dir, "merged": dir} as written.
 
     `model` is the trained (unwrapped) model; for LoRA with merge it is merged in place, so it is
     not usable for training afterwards. `state_dict`: the full weights when `model` is sharded
-    (FSDP; gathered by every rank beforehand); LoRA is then merged onto a freshly loaded base.
+    (FSDP; gathered by every rank beforehand); LoRA is then merged onto a freshly loaded base, loaded
+    as the method's `head` says (a reward model: with its score head, which the adapter holds).
     """
     written: dict[str, Path] = {}
     if plan.uses_adapter:
@@ -66,7 +69,7 @@ def export_final(
         if not spec.output.merge_adapter:
             return written
         if plan.pet_type == "qlora" or state_dict is not None:
-            merged_model = merge_onto_base(model_dir, adapter, plan, precision)
+            merged_model = merge_onto_base(model_dir, adapter, plan, precision, head=head)
         else:
             merged_model = model.merge_and_unload()
         state_dict = None
@@ -104,18 +107,21 @@ def save_tokenizer(tokenizer: Any, spec: FineTuneJobSpec, directory: Path) -> No
         tokenizer.chat_template = kept
 
 
-def merge_onto_base(model_dir: Path, adapter_dir: Path, plan: PetPlan, precision: Precision) -> Any:
+def merge_onto_base(
+    model_dir: Path, adapter_dir: Path, plan: PetPlan, precision: Precision, *, head: ModelHead | None = None
+) -> Any:
     """Reload the base as in training (QLoRA: quantized the same way, then de-quantized) and merge
     the saved adapter into it."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
+    head = head or CAUSAL_LM
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    base = AutoModelForCausalLM.from_pretrained(
+    base = head.model_class().from_pretrained(
         model_dir,
+        **head.init_kwargs,
         dtype=precision.dtype,
         use_safetensors=True,
         quantization_config=plan.quantization_config,

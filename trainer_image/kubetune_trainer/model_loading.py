@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from kubetune.locations import CACHE_HF_DIR, cache_root
 from kubetune.uris import parse_uri
 from kubetune_trainer.errors import JobError
+from kubetune_trainer.recipes.base import CAUSAL_LM, ModelHead
 
 if TYPE_CHECKING:
     import torch
@@ -215,14 +216,14 @@ def load_model(
     *,
     quantization_config: Any = None,
     device: str | None = None,
+    head: ModelHead | None = None,
 ) -> Any:
-    """`AutoModelForCausalLM` from safetensors, in the precision's dtype.
+    """`AutoModelForCausalLM` (or the Auto class of the method's `head`, e.g. a sequence classifier
+    with a new score head for a reward model) from safetensors, in the precision's dtype.
 
     A quantized model is placed on `device` while loading (bitsandbytes quantizes there); others
     load on CPU and the Trainer moves them.
     """
-    from transformers import AutoModelForCausalLM
-
     if not any(model_dir.glob("*.safetensors")):
         raise JobError(
             f"spec.model.uri: {model_dir} has no *.safetensors weights; kubetune loads safetensors only "
@@ -232,6 +233,7 @@ def load_model(
         "dtype": precision.dtype,
         "use_safetensors": True,
         "trust_remote_code": spec.model.trust_remote_code,
+        **(head or CAUSAL_LM).init_kwargs,
     }
     if spec.training.attn_implementation != "auto":  # auto: transformers' own choice (sdpa where supported)
         kwargs["attn_implementation"] = spec.training.attn_implementation
@@ -239,7 +241,7 @@ def load_model(
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device or precision.device_type}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        model = (head or CAUSAL_LM).model_class().from_pretrained(model_dir, **kwargs)
     except ValueError as e:
         msg = str(e).splitlines()[0]
         if "trust_remote_code" in msg:

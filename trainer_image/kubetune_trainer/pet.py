@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune_trainer.errors import JobError
+from kubetune_trainer.recipes.base import CAUSAL_LM, ModelHead
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJobSpec
@@ -170,15 +171,23 @@ def _first_line(e: BaseException) -> str:
 
 
 def apply_pet(
-    model: Any, spec: FineTuneJobSpec, plan: PetPlan, *, adapter_dir: Path | None = None, scratch: Path | None = None
+    model: Any,
+    spec: FineTuneJobSpec,
+    plan: PetPlan,
+    *,
+    adapter_dir: Path | None = None,
+    scratch: Path | None = None,
+    head: ModelHead | None = None,
 ) -> Any:
     """Set what trains on a loaded model; LoRA/QLoRA return a peft model.
 
     `adapter_dir`: an existing adapter (spec.model.adapter_uri, resolved) to keep training instead
     of new adapters. `scratch`: where a PiSSA/OLoRA adapter's initial state is kept for the export (a
-    temporary directory when None).
+    temporary directory when None). `head` (the method's recipe's): the adapter's peft task type and
+    the modules that train in full with LoRA and freeze alike (a reward model's new score head).
     """
     pc = spec.pet_config
+    head = head or CAUSAL_LM
     if plan.pet_type == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -186,6 +195,9 @@ def apply_pet(
         return model
     if plan.pet_type == "freeze":
         _freeze(model, pc.freeze_trainable_layers, pc.freeze_trainable_modules)
+        for name, p in model.named_parameters():  # a new head trains whatever else is frozen
+            if any(_module_matches(name.rsplit(".", 1)[0], m) for m in head.modules_to_save):
+                p.requires_grad_(True)
         _upcast_trainable(model)
         return model
 
@@ -211,7 +223,8 @@ def apply_pet(
         use_dora=pc.use_dora,
         use_rslora=pc.use_rslora,
         init_lora_weights=pc.init_lora_weights,
-        task_type="CAUSAL_LM",
+        task_type=head.peft_task_type,
+        modules_to_save=list(head.modules_to_save) or None,
     )
     try:
         peft_model = get_peft_model(model, config)

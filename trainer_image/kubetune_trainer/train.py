@@ -282,13 +282,15 @@ def run_training(
     data = padding_free(data, spec)
 
     device = f"{precision.device_type}:{dist.local_rank}" if precision.device_type == "cuda" else "cpu"
-    model = model_loading.load_model(
-        model_dir, spec, precision, quantization_config=plan.quantization_config, device=device
-    )
     from transformers import set_seed
 
+    set_seed(spec.training.seed)  # a head the base lacks (a reward model's score) starts random
+    model = model_loading.load_model(
+        model_dir, spec, precision, quantization_config=plan.quantization_config, device=device,
+        head=recipe.head,
+    )  # fmt: skip
     set_seed(spec.training.seed)  # adapter init (LoRA A) is random: the same seed gives the same run
-    model = pet.apply_pet(model, spec, plan, adapter_dir=adapter_dir, scratch=workdir)
+    model = pet.apply_pet(model, spec, plan, adapter_dir=adapter_dir, head=recipe.head, scratch=workdir)
     trainable, total = pet.count_parameters(model)
     if dist.is_main:
         log.info(
@@ -314,7 +316,7 @@ def run_training(
         TrainerSetup(
             spec=spec, model=model, tokenizer=tokenizer, data=data, args=args, plan=plan,
             callbacks=[reporter, *callbacks],
-            load_base=lambda: model_loading.load_model(model_dir, spec, precision),
+            load_base=lambda: model_loading.load_model(model_dir, spec, precision, head=recipe.head),
         )
     )  # fmt: skip
     tracked.attach(trainer)
@@ -365,7 +367,7 @@ def run_training(
             _add_eos_ids(final_model, data.end_of_turn_token_ids)
         exported = export_final(
             final_model, tokenizer, spec, out_dir, plan=plan, precision=precision, model_dir=model_dir,
-            state_dict=full_state,
+            state_dict=full_state, head=recipe.head,
         )  # fmt: skip
         log.info(
             "wrote %s",

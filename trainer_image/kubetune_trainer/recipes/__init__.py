@@ -18,7 +18,7 @@ import pkgutil
 from functools import cache
 
 from kubetune import methods as table
-from kubetune_trainer.recipes.base import Recipe, TrainerSetup, arguments
+from kubetune_trainer.recipes.base import ModelHead, Recipe, TrainerSetup, arguments
 
 
 @cache
@@ -47,4 +47,4 @@ def get(method: str) -> Recipe:
         raise KeyError(f"no training recipe for method {method!r}; known: {', '.join(registry())}") from None
 
 
-__all__ = ["Recipe", "TrainerSetup", "arguments", "get", "registry"]
+__all__ = ["ModelHead", "Recipe", "TrainerSetup", "arguments", "get", "registry"]

@@ -13,7 +13,10 @@
    (:func:`arguments` keeps transformers' defaults where a TRL config changes them);
 4. ``make_trainer(setup) -> Trainer``: a transformers ``Trainer`` (subclass) wrapped by
    ``trainer_class.kubetune_trainer``, from a :class:`TrainerSetup`;
-5. ``model_to_export(model) -> model``: what ``final/`` holds (DPO drops its reference adapter).
+5. ``model_to_export(model) -> model``: what ``final/`` holds (DPO drops its reference adapter);
+6. ``head``, a :class:`ModelHead`: the transformers Auto class the base loads as (a causal LM, or a
+   sequence classifier with a score head for a reward model), the peft task type of a LoRA adapter
+   and the modules trained in full beside it.
 
 The method's row in ``kubetune.methods.METHODS`` (formats, streaming, packing, reference model,
 examples) is ``recipe.info``; a test checks the registry's methods are the table's.
@@ -52,11 +55,31 @@ class TrainerSetup:
     load_base: Callable[[], Any] | None = None
 
 
+@dataclass(frozen=True)
+class ModelHead:
+    """What the base model is loaded as, and what a LoRA adapter on it trains besides its matrices."""
+
+    auto_class: str = "AutoModelForCausalLM"  # a transformers Auto class, given init_kwargs on loading
+    init_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"num_labels": 1}
+    peft_task_type: str = "CAUSAL_LM"  # peft's TaskType of the adapter
+    # trained in full next to LoRA and saved in the adapter (peft's modules_to_save), e.g. a new score head
+    modules_to_save: tuple[str, ...] = ()
+
+    def model_class(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+
+CAUSAL_LM = ModelHead()
+
+
 class Recipe(ABC):
     """One training method. Subclass it in ``recipes/<method>.py`` and set ``RECIPE = YourRecipe()``
     there; ``method`` names the row of ``kubetune.methods.METHODS`` it implements."""
 
     method: ClassVar[str]
+    head: ClassVar[ModelHead] = CAUSAL_LM
 
     @property
     def info(self) -> Method:
@@ -124,4 +147,4 @@ def arguments(cls: type, kwargs: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-__all__ = ["Recipe", "TrainerSetup", "arguments"]
+__all__ = ["CAUSAL_LM", "ModelHead", "Recipe", "TrainerSetup", "arguments"]

@@ -1,0 +1,164 @@
+"""method reward: a reward model (a sequence classifier with one output) trained on preference pairs
+by TRL's RewardTrainer, exported in Hugging Face layout with its score head.
+
+The DPO tests' preference set (a correct answer chosen over a refusal) and a tiny random Qwen2: the
+preference accuracy on the training and the held-out pairs must rise well above chance in 30 steps,
+and what final/ holds must load with AutoModelForSequenceClassification and score as the trained
+model does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_dpo import make_job, write_preferences
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kubetune_trainer.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("reward-model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_preferences(tmp_path_factory.mktemp("reward-data") / "prefs.jsonl", 48)
+
+
+def scores(model: Any, tokenizer: Any, texts: list[str]) -> Any:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        return model(**batch).logits.squeeze(-1)
+
+
+def pair_texts(prefs: Path, n: int) -> tuple[list[str], list[str]]:
+    rows = [json.loads(line) for line in prefs.read_text().splitlines()[:n]]
+    chosen = [
+        f"<|im_start|>user\n{r['prompt']}<|im_end|>\n<|im_start|>assistant\n{r['chosen']}<|im_end|>"
+        for r in rows
+    ]
+    rejected = [
+        f"<|im_start|>user\n{r['prompt']}<|im_end|>\n<|im_start|>assistant\n{r['rejected']}<|im_end|>"
+        for r in rows
+    ]
+    return chosen, rejected
+
+
+def test_reward_config_is_the_sft_arguments_plus_the_reward_fields(tmp_path: Path) -> None:
+    """RewardConfig built directly from every method's keyword arguments (RewardConfig's own defaults,
+    e.g. gradient checkpointing on or bf16, never apply) plus max_length and the centring term."""
+    from transformers import TrainingArguments
+    from trl import RewardConfig
+
+    from kubetune_trainer.model_loading import resolve_precision
+    from kubetune_trainer.train import training_arguments, training_kwargs
+
+    job = make_job(
+        "args", tmp_path, tmp_path / "p.jsonl", tmp_path / "out", method="reward",
+        training={"reward_center_coefficient": 0.01, "seq_length": 96, "warmup_ratio": 0.1},
+    )  # fmt: skip
+    fp32 = resolve_precision("fp32")
+    base = TrainingArguments(**training_kwargs(job.spec, tmp_path / "ck", precision=fp32, has_eval=True))
+    cfg = training_arguments(job.spec, tmp_path / "ck", precision=fp32, has_eval=True)
+    assert type(cfg) is RewardConfig
+    for f in dataclasses.fields(TrainingArguments):
+        assert getattr(cfg, f.name) == getattr(base, f.name), f.name
+    assert cfg.gradient_checkpointing is False and cfg.bf16 is False and cfg.learning_rate == 2e-3
+    assert cfg.max_length == 96 and cfg.center_rewards_coefficient == 0.01
+    plain = make_job("plain", tmp_path, tmp_path / "p.jsonl", tmp_path / "out", method="reward")
+    assert (
+        training_arguments(
+            plain.spec, tmp_path / "ck", precision=fp32, has_eval=True
+        ).center_rewards_coefficient
+        is None
+    )
+
+
+def test_lora_reward_model_learns_the_preference_and_exports_its_score_head(
+    model_dir: Path, prefs: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kubetune_trainer.reporting import read_metrics
+    from kubetune_trainer.train import run_training
+
+    job = make_job("lora", model_dir, prefs, tmp_path / "out", method="reward",
+                   dataset={"validation_split": 0.25}, training={"eval_steps": 30, "seq_length": 128},
+                   output={"uri": str(tmp_path / "out"), "merge_adapter": True})  # fmt: skip
+    result = run_training(job, workdir=tmp_path / "work")
+    assert result.completed and result.global_step == 30
+    logs = [h for h in result.log_history if "loss" in h and "accuracy" in h]
+    assert len(logs) == 30
+    last5 = logs[-5:]
+    mean = lambda key: sum(h[key] for h in last5) / 5  # noqa: E731
+    assert mean("accuracy") >= 0.9 and mean("margin") > logs[0]["margin"] + 1.0, (logs[0], last5)
+    assert mean("loss") < logs[0]["loss"] / 2
+    ev = [h for h in result.log_history if "eval_accuracy" in h]
+    assert ev and ev[-1]["eval_accuracy"] >= 0.9, ev
+    metrics = read_metrics(result.output_dir / "metrics.jsonl")
+    assert any("accuracy" in m for m in metrics) and any("eval_accuracy" in m for m in metrics)
+
+    # final/adapter: the LoRA matrices and, in modules_to_save, the trained score head
+    adapter, merged = result.exported["adapter"], result.exported["merged"]
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith("score.weight") for k in keys), keys
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+
+    # final/merged is a plain sequence classifier that scores as base + adapter does, chosen first
+    tok = AutoTokenizer.from_pretrained(merged)
+    chosen, rejected = pair_texts(prefs, 8)
+    rm = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert rm.config.num_labels == 1 and type(rm).__name__ == "Qwen2ForSequenceClassification"
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    base.config.pad_token_id = tok.pad_token_id
+    with_adapter = PeftModel.from_pretrained(base, adapter)
+    got, want = scores(rm, tok, chosen + rejected), scores(with_adapter, tok, chosen + rejected)
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    assert (got[:8] > got[8:]).float().mean() >= 0.9
+
+
+def test_freeze_reward_model_trains_its_new_score_head(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    """With freeze only the chosen layers would train; the new, random score head trains with them."""
+    from safetensors import safe_open
+
+    from kubetune_trainer.train import run_training
+
+    job = make_job("freeze", model_dir, prefs, tmp_path / "out", method="reward",
+                   pet_config={"pet_type": "freeze", "freeze_trainable_layers": 1},
+                   training={"max_steps": 10, "seq_length": 128})  # fmt: skip
+    result = run_training(job, workdir=tmp_path / "work")
+    assert result.completed
+    with safe_open(result.exported["merged"] / "model.safetensors", "pt") as f:
+        assert "score.weight" in f.keys()
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    last = len(rm.model.layers) - 1
+    expected = {n for n, _ in rm.named_parameters() if n.startswith((f"model.layers.{last}.", "score."))}
+    assert result.trainable_params == sum(p.numel() for n, p in rm.named_parameters() if n in expected)
+
+
+def test_a_reward_model_is_not_evaluated_by_generation() -> None:
+    from kubetune.spec import FineTuneJobSpec
+
+    doc = {"model": {"uri": "m"}, "dataset": {"uri": "p.json", "validation_split": 0.1}, "method": "reward",
+           "output": {"uri": "o"}, "evaluation": {"metrics": ["perplexity"]}}  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"method reward trains a model that scores replies and does not generate"
+    ):
+        FineTuneJobSpec.model_validate(doc)
+    del doc["evaluation"]
+    FineTuneJobSpec.model_validate(doc)
