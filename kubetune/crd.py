@@ -57,7 +57,9 @@ def _structural(node: dict[str, Any], name: str = "") -> dict[str, Any]:
         return {
             "description": node.get("description", ""),
             "x-kubernetes-preserve-unknown-fields": True,
-            "x-kubernetes-validations": [{"rule": " || ".join(alternatives), "message": f"must be one of {shown}"}],
+            "x-kubernetes-validations": [
+                {"rule": " || ".join(alternatives), "message": f"must be one of {shown}"}
+            ],
         }
     if "anyOf" in node:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]

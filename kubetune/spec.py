@@ -345,6 +345,7 @@ class Training(_Model):
     @classmethod
     def _checkpointing(cls, v: Any) -> Any:
         return _scalar_choice(v, (True, False, "offload"))
+
     simpo_beta: float = Field(
         2.0, gt=0, description="simpo: scale of the length-normalised reward (TRL's beta; the SimPO paper: 2.0 to 2.5)."
     )

@@ -51,14 +51,18 @@ def _run(tmp: Path, train_job: Any, pet: dict[str, Any], snap: Snapshots, *, mer
 @pytest.fixture(scope="module")
 def dora_rslora_run(tmp_path_factory: pytest.TempPathFactory, train_job: Any) -> tuple[Any, Snapshots]:
     snap = Snapshots("lora_magnitude_vector")
-    job, result = _run(tmp_path_factory.mktemp("dora"), train_job, {"use_dora": True, "use_rslora": True}, snap, merge=False)
+    job, result = _run(
+        tmp_path_factory.mktemp("dora"), train_job, {"use_dora": True, "use_rslora": True}, snap, merge=False
+    )
     assert result.completed
     return result, snap
 
 
 def test_dora_adds_magnitude_vectors_that_train(dora_rslora_run: tuple[Any, Snapshots]) -> None:
     _, snap = dora_rslora_run
-    magnitudes = [n for n, p in snap.model.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad]
+    magnitudes = [
+        n for n, p in snap.model.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad
+    ]
     assert len(magnitudes) == 4  # q_proj and v_proj of 2 layers
     assert set(snap.begin) == set(magnitudes)
     for name in magnitudes:
@@ -75,7 +79,8 @@ def test_rslora_scales_the_update_by_alpha_over_sqrt_rank(dora_rslora_run: tuple
 
 def _fresh_lora(tiny_model_dirs: Any, train_job: Any, tmp: Path, pet: dict[str, Any]) -> tuple[Any, Any]:
     """(base model, peft model) as run_training builds them, without training."""
-    from kubetune_trainer import model_loading, pet as pet_mod
+    from kubetune_trainer import model_loading
+    from kubetune_trainer import pet as pet_mod
 
     job = train_job(tmp / "out", pet_config={**LORA, **pet})
     precision = model_loading.resolve_precision("fp32")
@@ -89,10 +94,14 @@ def _lora_tensors(model: Any, which: str) -> list[Any]:
     return [p for n, p in model.named_parameters() if f"{which}.default" in n]
 
 
-def test_default_init_starts_from_the_base_model(tiny_model_dirs: Any, train_job: Any, tmp_path: Path) -> None:
+def test_default_init_starts_from_the_base_model(
+    tiny_model_dirs: Any, train_job: Any, tmp_path: Path
+) -> None:
     original, model = _fresh_lora(tiny_model_dirs, train_job, tmp_path, {})
     assert all(b.abs().max() == 0 for b in _lora_tensors(model, "lora_B"))
-    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()}
+    base = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
+    }
     assert all(base[n].equal(p) for n, p in original.items())
 
 
@@ -121,7 +130,9 @@ def test_pissa_and_olora_move_the_principal_part_of_each_weight_into_the_adapter
         residual = lora.base_layer.weight
         assert not residual.equal(original[name])  # the base weight changed ...
         delta = lora.scaling["default"] * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
-        torch.testing.assert_close(residual + delta, original[name], atol=1e-5, rtol=1e-5)  # ... by the adapter
+        torch.testing.assert_close(
+            residual + delta, original[name], atol=1e-5, rtol=1e-5
+        )  # ... by the adapter
 
 
 def test_a_pissa_runs_adapter_is_plain_lora_of_the_unchanged_base(
@@ -163,7 +174,9 @@ def test_an_adapter_continued_keeps_its_own_dora_setting(
     precision = model_loading.resolve_precision("fp32")
     base = model_loading.load_model(tiny_model_dirs["qwen2"], job.spec, precision)
     with pytest.raises(JobError) as e:
-        pet.apply_pet(base, job.spec, pet.plan_pet(job.spec, precision), adapter_dir=result.exported["adapter"])
+        pet.apply_pet(
+            base, job.spec, pet.plan_pet(job.spec, precision), adapter_dir=result.exported["adapter"]
+        )
     assert str(e.value) == (
         "spec.pet_config.use_dora is false but the adapter at spec.model.adapter_uri was trained with use_dora "
         "true: set use_dora: true"
@@ -173,7 +186,9 @@ def test_an_adapter_continued_keeps_its_own_dora_setting(
 def test_the_start_up_line_names_the_lora_variant(train_job: Any, tmp_path: Path) -> None:
     from kubetune_trainer import model_loading, pet
 
-    job = train_job(tmp_path, pet_config={**LORA, "use_dora": True, "use_rslora": True, "init_lora_weights": "olora"})
+    job = train_job(
+        tmp_path, pet_config={**LORA, "use_dora": True, "use_rslora": True, "init_lora_weights": "olora"}
+    )
     plan = pet.plan_pet(job.spec, model_loading.resolve_precision("fp32"))
     assert plan.description == (
         "lora (rank 4, alpha 16, target_modules q_proj,v_proj, DoRA, rsLoRA, init olora)"

@@ -53,7 +53,9 @@ def liger_kernel_problem(precision: Precision) -> str | None:
 
     missing = []
     if precision.device_type != "cuda":
-        missing.append(f"this machine has no CUDA GPU for its Triton kernels (it trains on {precision.device_type})")
+        missing.append(
+            f"this machine has no CUDA GPU for its Triton kernels (it trains on {precision.device_type})"
+        )
     if not is_liger_kernel_available():
         missing.append("the liger-kernel package is not installed (pip install liger-kernel)")
     if not missing:
