@@ -37,6 +37,7 @@ FORMATS: dict[str, Format] = {
         Format("messages", "chat messages", ("messages",)),
         Format("text", "plain text", ("text",)),
         Format("preference", "preference data", ("chosen", "rejected")),
+        Format("unpaired_preference", "unpaired preference data", ("completion", "label")),
     )
 }
 
@@ -67,6 +68,10 @@ class Method:
     chat: bool
     example: str  # a job for a cluster, under examples/
     local_example: str  # the same method on the tiny model and shipped data (`kubetune run`)
+    # values the method's trainer logs besides loss and rewards/*, kept in progress.json's `metrics`
+    progress_metrics: tuple[str, ...] = ()
+    # parallel_config.strategy fsdp: None, or why the method refuses it (one line, at admission)
+    no_fsdp: str | None = None
     # the trained model is a language model (it generates, has a perplexity); False: a reward model's scores
     generates: bool = True
 
@@ -131,6 +136,44 @@ METHODS: dict[str, Method] = {
             local_example="examples/local-pretrain.yaml",
         ),
         Method(
+            name="kto",
+            summary="Kahneman-Tversky optimisation (desirable / undesirable replies)",
+            formats=("unpaired_preference", "preference"),
+            auto_format=None,
+            text_column_formats=(),
+            detect=("preference", "unpaired_preference"),
+            format_message="method kto needs unpaired preference data (prompt/completion/label) or preference "
+            "pairs (prompt/chosen/rejected)",
+            preference=True,
+            reference_model=True,
+            streaming=False,
+            packing=False,
+            chat=True,
+            example="examples/kto.yaml",
+            local_example="examples/local-kto.yaml",
+            progress_metrics=("kl",),
+            no_fsdp="its reference model and KL estimate are not covered by kubetune's FSDP checkpoint resume",
+        ),
+        Method(
+            name="orpo",
+            summary="odds-ratio preference optimisation (no reference model)",
+            formats=("preference",),
+            auto_format="preference",
+            text_column_formats=(),
+            detect=("preference",),
+            format_message="method orpo needs a preference dataset (prompt/chosen/rejected); set dataset.format to "
+            "preference",
+            preference=True,
+            reference_model=False,
+            streaming=False,
+            packing=False,
+            chat=True,
+            example="examples/orpo.yaml",
+            local_example="examples/local-orpo.yaml",
+            progress_metrics=("log_odds_ratio", "log_odds_chosen", "nll_loss"),
+            no_fsdp="TRL's ORPO trainer (trl.experimental) is not covered by kubetune's FSDP checkpoint resume",
+        ),
+        Method(
             name="simpo",
             summary="simple preference optimisation (SimPO: length-normalised rewards, no reference model)",
             formats=("preference",),
@@ -163,6 +206,7 @@ METHODS: dict[str, Method] = {
             chat=True,
             example="examples/reward.yaml",
             local_example="examples/local-reward.yaml",
+            progress_metrics=("accuracy", "margin", "eval_accuracy", "eval_margin"),
             generates=False,
         ),
     )
@@ -280,6 +324,18 @@ def streaming_rule() -> tuple[str, str, str]:
     )
 
 
+def fsdp_rule() -> tuple[str, str, str]:
+    """(path, CEL, message) of the rule that parallel_config.strategy fsdp needs a method that supports it."""
+    refusing = {m.name: m.no_fsdp for m in METHODS.values() if m.no_fsdp}
+    reasons = "; ".join(f"{name}: {why}" for name, why in refusing.items())
+    return (
+        "spec.parallel_config.strategy",
+        "!has(self.parallel_config) || !has(self.parallel_config.strategy) || self.parallel_config.strategy != "
+        f"'fsdp' || !(self.method in {cel_list(tuple(refusing))})",
+        f"strategy fsdp is not supported with method {join_or(tuple(refusing))}, use ddp ({reasons})",
+    )
+
+
 def method_description() -> str:
     """spec.method's description (kubectl explain)."""
     return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + "."
@@ -294,6 +350,6 @@ def auto_format_description() -> str:
 
 __all__ = [
     "AUTO", "FORMATS", "FORMAT_NAMES", "METHODS", "METHOD_NAMES", "Format", "FormatRule", "Method",
-    "auto_format_description", "cel_list", "exclusive_formats", "format_rules", "join_or", "main_format", "method",
+    "auto_format_description", "cel_list", "exclusive_formats", "format_rules", "fsdp_rule", "join_or", "main_format", "method",
     "method_description", "methods_reading", "streaming_rule",
 ]  # fmt: skip

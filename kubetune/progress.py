@@ -46,6 +46,9 @@ class TrainerProgress(BaseModel):
     rewards: dict[str, float] | None = Field(
         None, description="Preference methods: latest mean rewards (chosen, rejected, margins, accuracies)."
     )
+    metrics: dict[str, float] | None = Field(
+        None, description="The method's other logged values (kubetune.methods: progress_metrics), latest."
+    )
     last_checkpoint: CheckpointRef | None = Field(None, description="The newest committed checkpoint.")
     checkpoint_error: str | None = Field(None, description="Why the last checkpoint upload failed for good.")
     resumed_from: CheckpointRef | None = Field(None, description="The checkpoint this attempt resumed from.")
@@ -64,8 +67,8 @@ class TrainerProgress(BaseModel):
         return TrainerProgress.model_validate(doc)
 
     def to_json(self) -> str:
-        """The file's text: every field, null when unknown (`rewards` only where a method logs them)."""
-        exclude = {"rewards"} if self.rewards is None else set()
+        """The file's text: every field, null when unknown (`rewards` and `metrics` only where a method logs them)."""
+        exclude = {k for k in ("rewards", "metrics") if getattr(self, k) is None}
         return json.dumps(self.model_dump(mode="json", exclude=exclude), indent=1) + "\n"
 
     @classmethod

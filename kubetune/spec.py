@@ -112,6 +112,13 @@ class ColumnMapping(_Model):
     rejected: str | None = Field(
         None, description="preference: the dispreferred answer column (default 'rejected')."
     )
+    completion: str | None = Field(
+        None, description="unpaired_preference: the reply column (default 'completion')."
+    )
+    label: str | None = Field(
+        None,
+        description="unpaired_preference: the column saying the reply is desirable, true/false (default 'label').",
+    )
 
 
 class DataSource(_Model):
@@ -365,6 +372,20 @@ class Training(_Model):
     dpo_loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="dpo: preference loss.")
     dpo_sft_weight: float = Field(
         0.0, ge=0, description="dpo: weight of an added SFT loss on the chosen answers."
+    )
+    kto_beta: float = Field(
+        0.1, gt=0, description="kto: strength of the pull toward the reference model (0.1 to 0.5)."
+    )
+    kto_desirable_weight: float = Field(
+        1.0, gt=0, description="kto: weight of the desirable replies' loss (raise it when they are fewer)."
+    )
+    kto_undesirable_weight: float = Field(
+        1.0, gt=0, description="kto: weight of the undesirable replies' loss (raise it when they are fewer)."
+    )
+    orpo_beta: float = Field(
+        0.1,
+        gt=0,
+        description="orpo: weight of the odds-ratio term beside the SFT loss on the chosen answers.",
     )
 
 
@@ -860,6 +881,7 @@ class FineTuneJobSpec(_Model):
         keep["training"] = self.training.model_dump(
             include={
                 "seq_length", "packing", "seed", "precision", "dpo_beta", "dpo_loss_type", "dpo_sft_weight",
+                "kto_beta", "kto_desirable_weight", "kto_undesirable_weight", "orpo_beta",
                 "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay",
                 "max_grad_norm", "optimizer", "per_device_train_batch_size", "gradient_accumulation_steps",
                 "simpo_beta", "simpo_gamma", "cpo_alpha", "reward_center_coefficient",
@@ -1005,6 +1027,10 @@ CROSS_FIELD_RULES: list[Rule] = [
         lambda s: s.training.gradient_checkpointing != "offload" or s.parallel_config.strategy != "fsdp",
     ),
     Rule(
+        "spec", *_methods.fsdp_rule(),
+        lambda s: s.parallel_config.strategy != "fsdp" or not _methods.method(s.method).no_fsdp,
+    ),
+    Rule(
         "spec", *_methods.streaming_rule(),
         lambda s: not s.dataset.streaming or _methods.method(s.method).streaming,
     ),
@@ -1088,6 +1114,10 @@ class Progress(BaseModel):
     eta_seconds: float | None = Field(None, description="Estimated seconds to the end.")
     rewards: dict[str, float] | None = Field(
         None, description="method dpo: latest mean rewards (chosen, rejected, margins, accuracies)."
+    )
+    metrics: dict[str, float] | None = Field(
+        None,
+        description="The method's other logged values, latest (kto: kl; orpo: log_odds_ratio, nll_loss ...).",
     )
     state: str | None = Field(None, description="Trainer state: running, saving, done, failed.")
 

@@ -788,7 +788,7 @@ def progress_status(doc: TrainerProgress | None) -> dict[str, Any]:
         step=step, total_steps=total, percent=percent,
         summary=f"{percent}% ({step}/{total})" if total else f"step {step}",
         epoch=doc.epoch, loss=doc.loss, tokens_per_second=doc.tokens_per_second,
-        eta_seconds=doc.eta_seconds, rewards=doc.rewards, state=doc.state,
+        eta_seconds=doc.eta_seconds, rewards=doc.rewards, metrics=doc.metrics, state=doc.state,
     )  # fmt: skip
     out: dict[str, Any] = {"progress": progress.model_dump(mode="json", exclude_none=True)}
     if doc.last_checkpoint is not None and doc.last_checkpoint.uri:

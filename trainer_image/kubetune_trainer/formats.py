@@ -20,6 +20,9 @@ Formats (``spec.dataset.format``; column names can be remapped with ``spec.datas
     ``prompt``/``chosen``/``rejected`` columns (each a string or messages), or a ``conversations`` /
     ``messages`` / alpaca ``instruction`` prompt with ``chosen`` and ``rejected`` final turns, as in
     LLaMA-Factory's ``dpo_en_demo.json``.
+``unpaired_preference``
+    ``prompt`` (a string or messages), ``completion`` (the reply) and ``label`` (true: desirable, false:
+    undesirable), one reply per row (KTO's data).
 ``auto``
     What the method's row of ``kubetune.methods.METHODS`` says: a fixed format (pretrain: text; dpo:
     preference) or detected from the first row's columns (sft: sharegpt, messages or alpaca).
@@ -103,6 +106,8 @@ class Columns:
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    completion: str = "completion"
+    label: str = "label"
     mapped: set[str] = field(default_factory=set)  # which ones the user set
 
     @classmethod
@@ -350,12 +355,43 @@ def parse_preference(row: Row, cols: Columns) -> Example:
     )  # fmt: skip
 
 
+def parse_unpaired_preference(row: Row, cols: Columns) -> Example:
+    """One reply and whether it is desirable (KTO's data): a preference example with only ``chosen``
+    (label true) or only ``rejected`` (label false) set."""
+    label = _parse_json_string(_get(row, cols.label))
+    if label in (0, 1) and not isinstance(label, float):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise row.error(cols.label, f"expected true or false, got {type_name(label)} {label!r}")
+    reply = _reply(row, cols.completion, _get(row, cols.completion))
+    if not isinstance(reply, str):
+        if len(reply) != 1 or reply[0].role != ASSISTANT:
+            raise row.error(cols.completion, "expected one assistant turn")
+        reply = reply[0].content
+    if not reply.strip():
+        raise row.error(cols.completion, "expected a non-empty reply")
+    raw = _parse_json_string(_get(row, cols.prompt))
+    prompt = (
+        [Turn(USER, _string(row, cols.prompt, raw))]
+        if isinstance(raw, str)
+        else _turn_list(row, cols.prompt, raw)
+    )
+    system, prompt = _split_system(row, cols.prompt, prompt, _optional_system(row, cols))
+    if not prompt or prompt[-1].role == ASSISTANT:
+        raise row.error(cols.prompt, "the prompt must end with a user turn")
+    return Example(
+        "preference", tuple(prompt), system, chosen=reply if label else None, rejected=None if label else reply,
+        origin=f"{row.file} row {row.row}",
+    )  # fmt: skip
+
+
 PARSERS: dict[str, Callable[[Row, Columns], Example]] = {
     "alpaca": parse_alpaca,
     "sharegpt": parse_sharegpt,
     "messages": parse_messages,
     "text": parse_text,
     "preference": parse_preference,
+    "unpaired_preference": parse_unpaired_preference,
 }
 
 

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from kubetune import methods
 from kubetune.conventions import ENV_ATTEMPT, ENV_PREEMPT_MARKER, EXIT_PREEMPTED
 from kubetune.locations import (
     METRICS_FILE,
@@ -773,6 +774,10 @@ class ResilienceCallback(TrainerCallback):
             rewards = {k.split("/", 1)[1]: logs[k] for k in logs if k.startswith("rewards/")}
             if rewards and "loss" in logs:
                 fields["rewards"] = rewards
+            # the method's other values (kto: kl; orpo: log_odds_ratio ...), as its table row lists them
+            metrics = {k: logs[k] for k in methods.method(self.res.spec.method).progress_metrics if k in logs}
+            if metrics:  # the newest of each: an evaluation's eval_* values stay beside the training ones
+                fields["metrics"] = {**(r.progress.doc.metrics or {}), **metrics}
             if fields:
                 r.progress.update(**fields)
         return control
