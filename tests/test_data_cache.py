@@ -70,6 +70,8 @@ def test_second_build_is_a_hit_without_tokenizing(
     entry = Path(outcome.uri)
     assert entry.parent == tmp_path / "out" / "cache" / "data" and (entry / "COMMITTED").is_file()
     assert (entry / "train" / "dataset_info.json").is_file() and (entry / "eval").is_dir()
+    # the run trains on the written entry, memory-mapped, not on rows held in the process
+    assert first.train_dataset.cache_files[0]["filename"].startswith(str(entry))
 
     second, outcome2 = cached_build_data(recipe, job, tokenizer, seed=42)
     assert outcome2.status == "hit" and outcome2.uri == outcome.uri
@@ -158,17 +160,17 @@ def test_damaged_entry_is_rebuilt_with_one_warning(
 ) -> None:
     recipe = CountingSFT()
     job = _job(alpaca, tmp_path / "out")
-    first, outcome = cached_build_data(recipe, job, tokenizer, seed=42)
+    outcome = cached_build_data(recipe, job, tokenizer, seed=42)[1]  # (its rows, mapped, let go)
     entry = Path(outcome.uri)
     arrow = next((entry / "train").glob("*.arrow"))
-    arrow.write_bytes(arrow.read_bytes()[:100])  # truncated
+    arrow.write_bytes(arrow.read_bytes()[:100])  # truncated in place: damaged on disk
     with caplog.at_level(logging.WARNING, logger="kubetune.data"):
         built, again = cached_build_data(recipe, job, tokenizer, seed=42)
     assert again.status == "rebuilt" and again.wrote and recipe.builds == 2
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "tokenizing again" in warnings[0].getMessage()
     assert warnings[0].exc_info is None and "train/" in warnings[0].getMessage()
-    _same(built, first)
+    _same(built, SFTRecipe().build_data(job, tokenizer, seed=42))
     assert cached_build_data(recipe, job, tokenizer, seed=42)[1].status == "hit" and recipe.builds == 2
 
     (entry / "COMMITTED").write_text("{not json")
@@ -252,6 +254,9 @@ def test_s3_output_and_s3_data(tokenizer: Any, s3: Any, alpaca: Path, data_cache
     assert outcome.wrote and outcome.uri.startswith(s3.uri("out/cache/data/"))
     keys = s3.keys("out/cache/data/")
     assert any(k.endswith("/COMMITTED") for k in keys) and any("/train/" in k for k in keys)
+    key = outcome.uri.rsplit("/", 1)[1]
+    local = data_cache / "data" / key  # this node keeps what it uploaded, as if fetched
+    assert first.train_dataset.cache_files[0]["filename"].startswith(str(local))
 
     shutil.rmtree(data_cache)  # another node: nothing fetched here yet
     second, outcome = cached_build_data(recipe, job, tokenizer, seed=42)

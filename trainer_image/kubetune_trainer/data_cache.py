@@ -22,7 +22,8 @@ Rank 0 of a run builds a missing entry and writes it, with a ``BUILDING`` marker
 other ranks wait for its ``COMMITTED`` (``$KUBETUNE_DATA_CACHE_WAIT_SECONDS``, default 900) and read
 it, and build the data themselves (without writing) when rank 0 announces no build within a minute,
 gives up writing, or takes longer than that. A hit on a local output memory-maps the entry in place; an s3:// entry is fetched once per node
-into ``$KUBETUNE_CACHE_DIR/data/<key>/``. Loading gives the same rows in the same order as the build
+into ``$KUBETUNE_CACHE_DIR/data/<key>/`` (the node that wrote it keeps its copy there). The start that
+builds an entry trains on it too, memory-mapped, so the rows are not held in the process. Loading gives the same rows in the same order as the build
 that wrote them, so a resumed run sees exactly the batches it would have seen.
 
 Not cached: ``dataset.streaming`` (read as it is trained) and ``hf://`` datasets (no cheap digest).
@@ -340,10 +341,14 @@ def _load(root: Path, meta: dict[str, Any], device_type: str) -> BuiltData:
 
 
 def _write(
-    store: ObjectStore, key: str, built: BuiltData, pad_id: int | None, inputs: dict[str, Any]
+    store: ObjectStore, key: str, built: BuiltData, pad_id: int | None, inputs: dict[str, Any], base: str
 ) -> None:
-    """save_to_disk into local scratch, upload, then COMMITTED last."""
+    """save_to_disk into local scratch, upload, then COMMITTED last. An s3:// entry's scratch copy
+    stays as this node's fetched copy of it (no download on the next start here)."""
     import datasets
+
+    from kubetune.locations import COMPLETE_MARKER
+    from kubetune_trainer.store import LocalStore
 
     staging = cache_root() / CACHE_DATA_DIR / f".build-{key}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -362,6 +367,11 @@ def _write(
         store.put_bytes(
             f"{key}/{COMMITTED_FILE}", json.dumps(_meta(built, pad_id, files, inputs), indent=1).encode()
         )
+        if not isinstance(store, LocalStore):  # what fetch_tree would have left, marker and all
+            (staging / COMPLETE_MARKER).write_text(json.dumps({"uri": f"{base}/{key}", "files": files}))
+            dest = cache_root() / CACHE_DATA_DIR / key
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if bars:
@@ -487,14 +497,16 @@ def cached_build_data(
     try:
         built = recipe.build_data(job, tokenizer, seed=seed, device_type=device_type)
         try:
-            _write(store, key, built, _pad_id(tokenizer), inputs)
+            _write(store, key, built, _pad_id(tokenizer), inputs, base)
         except (StoreError, OSError) as e:
             log.warning("data cache %s: not written (%s); the next start tokenizes again", outcome.uri, e)
             return built, CacheOutcome(outcome.status, outcome.uri, reason=str(e))
     finally:
         with contextlib.suppress(StoreError):
             store.delete(f"{key}/{BUILDING_FILE}")
-    return built, CacheOutcome(outcome.status, outcome.uri, wrote=True)
+    # train on the written entry, memory-mapped: the same rows, without holding them in this process
+    mapped, _ = _read_entry(store, key, base, device_type)
+    return mapped or built, CacheOutcome(outcome.status, outcome.uri, wrote=True)
 
 
 __all__ = [
