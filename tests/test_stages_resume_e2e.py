@@ -1,10 +1,10 @@
-"""DPO and pre-training survive a kill like SFT: the resilience harness (tests/test_resilience_e2e.py)
-with a DPO job and a streaming pre-training job.
+"""DPO, SimPO, reward models and pre-training survive a kill like SFT: the resilience harness
+(tests/test_resilience_e2e.py) with a job of each preference method and a streaming pre-training job.
 
 Each stage runs once uninterrupted (2 processes, gloo, checkpoints and output in SeaweedFS), then
 once with rank 1 killed by SIGKILL after a committed checkpoint and relaunched in a fresh "pod"
 (empty local cache: it can only resume from S3). The relaunch must reproduce the uninterrupted
-run's per-step losses (and, for DPO, reward margins) and its final weights.
+run's per-step losses (and the method's rewards or accuracy) and its final weights.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ pytestmark = pytest.mark.slow
 STEPS = 12
 REL_TOL = 1e-4
 C4 = Path(__file__).resolve().parents[1] / "examples/data/c4_118.jsonl"
+# preference methods (LoRA on 32 pairs) and the logged values that must match after the resume
+PREFERENCE = {
+    "dpo": ["rewards/margins", "rewards/accuracies"],
+    "simpo": ["rewards/margins", "rewards/accuracies"],
+    "reward": ["accuracy", "margin"],
+}
 
 
 class StageEnv(Env):
@@ -44,8 +50,8 @@ class StageEnv(Env):
         path = self.job(name, max_steps=STEPS)
         doc = yaml.safe_load(path.read_text())
         spec = doc["spec"]
-        if stage == "dpo":
-            spec["method"] = "dpo"
+        if stage in PREFERENCE:
+            spec["method"] = stage
             spec["dataset"] = {"uri": str(write_preferences(self.tmp / "prefs.jsonl", 32))}
             spec["pet_config"]["lora_dropout"] = 0.0
             spec["training"].update(learning_rate=2e-3, seq_length=64)
@@ -72,7 +78,9 @@ def step_logs(env: Env, name: str) -> dict[int, dict]:
 def final_weights(env: Env, name: str, stage: str) -> dict[str, Any]:
     from safetensors.torch import load
 
-    key = "final/adapter/adapter_model.safetensors" if stage == "dpo" else "final/merged/model.safetensors"
+    key = (
+        "final/adapter/adapter_model.safetensors" if stage in PREFERENCE else "final/merged/model.safetensors"
+    )
     return load(env.store(f"jobs/{name}").get_bytes(key))
 
 
@@ -81,7 +89,7 @@ def stage_model(tiny_model_dirs: dict) -> Path:
     return tiny_model_dirs["qwen2"]
 
 
-@pytest.mark.parametrize("stage", ["dpo", "pretrain"])
+@pytest.mark.parametrize("stage", [*PREFERENCE, "pretrain"])
 def test_kill_9_and_relaunch_gives_the_uninterrupted_run(
     stage: str, s3_server: Any, stage_model: Path, tmp_path: Path
 ) -> None:
@@ -105,7 +113,7 @@ def test_kill_9_and_relaunch_gives_the_uninterrupted_run(
 
     got, want = step_logs(env, "kill"), step_logs(env, "ref")
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    keys = ["loss", "rewards/margins", "rewards/accuracies"] if stage == "dpo" else ["loss"]
+    keys = ["loss", *PREFERENCE.get(stage, [])]
     for s in range(resumed["step"] + 1, STEPS + 1):
         for k in keys:
             assert got[s][k] == pytest.approx(want[s][k], rel=REL_TOL, abs=1e-6), (
@@ -119,8 +127,15 @@ def test_kill_9_and_relaunch_gives_the_uninterrupted_run(
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=REL_TOL, atol=1e-6), k
 
-    if stage == "dpo":
+    if stage in ("dpo", "simpo"):
         # progress.json carries the rewards next to the loss; training raised the margin
         rewards = pr.get("rewards") or {}
         assert set(rewards) >= {"chosen", "rejected", "margins", "accuracies"}, pr
-        assert want[STEPS]["rewards/margins"] > want[1]["rewards/margins"] == 0
+        assert want[STEPS]["rewards/margins"] > want[1]["rewards/margins"]
+    if stage == "dpo":
+        assert want[1]["rewards/margins"] == 0  # the policy starts as its reference
+    if stage == "reward":
+        # progress.json (and so status.progress) carries the preference accuracy and margin
+        metrics = pr.get("metrics") or {}
+        assert set(metrics) >= {"accuracy", "margin"}, pr
+        assert want[STEPS]["margin"] > want[1]["margin"]
