@@ -162,3 +162,61 @@ def test_a_reward_model_is_not_evaluated_by_generation() -> None:
         FineTuneJobSpec.model_validate(doc)
     del doc["evaluation"]
     FineTuneJobSpec.model_validate(doc)
+
+
+def test_qlora_reward_model_trains_on_the_quantized_base(
+    model_dir: Path, prefs: Path, tmp_path: Path
+) -> None:
+    """QLoRA 4-bit: the adapter and the score head train on the quantized base; final/merged is the
+    de-quantized base with both merged, still a sequence classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kubetune_trainer.train import run_training
+
+    job = make_job(
+        "qlora", model_dir, prefs, tmp_path / "out", method="reward",
+        pet_config={"pet_type": "qlora", "quantization": {"bits": 4, "quant_type": "nf4"}},
+        training={"max_steps": 8, "seq_length": 128},
+        output={"uri": str(tmp_path / "out"), "merge_adapter": True},
+    )  # fmt: skip
+    result = run_training(job, workdir=tmp_path / "work")
+    logs = [h for h in result.log_history if "accuracy" in h and "loss" in h]
+    assert result.completed and logs[-1]["loss"] < logs[0]["loss"], logs
+    rm = AutoModelForSequenceClassification.from_pretrained(result.exported["merged"])
+    assert rm.config.num_labels == 1 and not getattr(rm.config, "quantization_config", None)
+
+
+@pytest.mark.slow
+def test_full_reward_model_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    """kubetune run: 2 torchrun processes (gloo) with strategy fsdp: the classifier is sharded (FSDP2 on
+    CPU) and the final export gathers it, score head included, into one full model."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors import safe_open
+
+    from kubetune_trainer.reporting import read_metrics
+
+    job = make_job(
+        "fsdp", model_dir, prefs, tmp_path / "out", method="reward", pet_config={"pet_type": "full"},
+        parallel_config={"strategy": "fsdp", "nproc_per_node": 2},
+        training={"max_steps": 6, "learning_rate": 2e-4, "per_device_train_batch_size": 2, "seq_length": 128},
+    )  # fmt: skip
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json", exclude_none=True)))
+    env = {**os.environ, "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "kubetune", "run", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "sharded over 2 processes (FSDP2 on cpu)" in p.stderr
+    logs = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(logs) == 6 and all("accuracy" in r for r in logs)
+    with safe_open(tmp_path / "out" / "final" / "merged" / "model.safetensors", "pt") as f:
+        assert "score.weight" in f.keys()

@@ -84,3 +84,51 @@ def test_lora_simpo_raises_margin_and_accuracy_without_a_reference(
     with safe_open(result.exported["adapter"] / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert keys and all("lora_" in k for k in keys)
+
+
+def test_qlora_simpo_trains_on_the_quantized_base(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    from kubetune_trainer.train import run_training
+
+    job = make_job(
+        "qlora", model_dir, prefs, tmp_path / "out", method="simpo",
+        pet_config={"pet_type": "qlora", "quantization": {"bits": 4, "quant_type": "nf4"}},
+        training={"max_steps": 6, "simpo_gamma": 0.5},
+    )  # fmt: skip
+    result = run_training(job, workdir=tmp_path / "work")
+    logs = [h for h in result.log_history if "rewards/margins" in h and "loss" in h]
+    assert result.completed and logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] + 0.3, logs
+    assert (result.exported["adapter"] / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_full_simpo_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    """kubetune run: 2 torchrun processes (gloo) with strategy fsdp: the model is sharded (FSDP2 on CPU)
+    and the final export gathers it back into one full model."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from kubetune_trainer.reporting import read_metrics
+
+    job = make_job(
+        "fsdp", model_dir, prefs, tmp_path / "out", method="simpo", pet_config={"pet_type": "full"},
+        parallel_config={"strategy": "fsdp", "nproc_per_node": 2},
+        training={"max_steps": 6, "learning_rate": 2e-4, "per_device_train_batch_size": 2},
+    )  # fmt: skip
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json", exclude_none=True)))
+    env = {**os.environ, "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "kubetune", "run", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "sharded over 2 processes (FSDP2 on cpu)" in p.stderr
+    logs = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(logs) == 6 and logs[-1]["rewards/margins"] > logs[0]["rewards/margins"]
+    assert (tmp_path / "out" / "final" / "merged" / "model.safetensors").is_file()

@@ -69,7 +69,7 @@ class RewardRecipe(DPORecipe):
                 f"the reward trainer needs preference data, got data built for method {setup.data.method}"
             )
         _quiet_dataset_bars()
-        return kubetune_trainer(RewardTrainer)(
+        trainer = kubetune_trainer(RewardTrainer)(
             model=setup.model,
             args=setup.args,
             train_dataset=setup.data.train_dataset,
@@ -77,9 +77,22 @@ class RewardRecipe(DPORecipe):
             processing_class=setup.tokenizer,
             callbacks=list(setup.callbacks),
         )
+        _score_head_in_fp32(trainer.model)
+        return trainer
 
     def model_to_export(self, model: Any) -> Any:
         return model
+
+
+def _score_head_in_fp32(model: Any) -> None:
+    """On a quantized (QLoRA) base TRL casts every trainable parameter to bf16: right for LoRA layers,
+    which cast their input, but the score head is a plain Linear fed the hidden states in the compute
+    dtype (fp32 when training in fp32). Kept in fp32 it works in both (bf16 training autocasts)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.requires_grad and "modules_to_save" in name and p.dtype == torch.bfloat16:
+            p.data = p.data.float()
 
 
 def reward_fields(spec: FineTuneJobSpec) -> dict[str, Any]:
