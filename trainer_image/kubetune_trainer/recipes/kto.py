@@ -102,22 +102,15 @@ class KTORecipe(Recipe):
         return ctx.built(train, evald, None, False)
 
     def preview(self, job: Any, tokenizer: Any, n: int) -> list[tuple[Example, Any]]:
+        """One entry per reply: the prompt, then the reply under the name of its label."""
         from kubetune_trainer import datasets_build as db
 
         ctx = db.data_context(job, tokenizer, seed=job.spec.training.seed)
         out = []
         for ex in db.first_examples(ctx, n):
             for row in unpaired_rows(ctx.renderer, ex):
-                out.append(
-                    (
-                        ex,
-                        {
-                            "prompt": row["prompt"],
-                            "completion": row["completion"],
-                            "label": str(row["label"]),
-                        },
-                    )
-                )
+                kind = "desirable (label true)" if row["label"] else "undesirable (label false)"
+                out.append((ex, {"prompt": row["prompt"], kind: row["completion"]}))
         return out[:n]
 
     def training_arguments(self, spec: FineTuneJobSpec, kwargs: dict[str, Any]) -> Any:
