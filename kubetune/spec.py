@@ -339,7 +339,7 @@ class Training(_Model):
         description="Attention kernel the model is loaded with (from_pretrained attn_implementation). auto: "
         "transformers' choice (sdpa where the model supports it). flash_attention_2 needs a CUDA GPU, the "
         "flash-attn package and bf16/fp16; with packing it trains padding-free (a batch is one row of its "
-        "samples, varlen kernels). flex_attention needs a torch that has it.",
+        "samples, varlen kernels). flex_attention needs a torch that has it and a CUDA GPU (no backward on CPU).",
     )
     liger_kernel: bool = Field(
         False,
@@ -1016,6 +1016,15 @@ CROSS_FIELD_RULES: list[Rule] = [
         "init_lora_weights sets how a new adapter starts; model.adapter_uri continues a trained one: leave "
         "init_lora_weights at true",
         lambda s: s.model.adapter_uri is None or s.pet_config.init_lora_weights is True,
+    ),
+    Rule(
+        "spec", "spec.pet_config.init_lora_weights",
+        "!has(self.pet_config) || !has(self.pet_config.init_lora_weights) "
+        "|| type(self.pet_config.init_lora_weights) != string || !(self.pet_config.init_lora_weights in ['pissa', 'olora']) "
+        "|| !has(self.parallel_config) || !has(self.parallel_config.strategy) || self.parallel_config.strategy != 'fsdp'",
+        "init_lora_weights pissa and olora are not supported with strategy fsdp (their adapter is converted for export "
+        "from the unsharded model): use ddp",
+        lambda s: s.pet_config.init_lora_weights not in ("pissa", "olora") or s.parallel_config.strategy != "fsdp",
     ),
     Rule(
         "spec", "spec.training.gradient_checkpointing",

@@ -136,6 +136,7 @@ BAD_COMBINATIONS = [
     ("gaussian-init-with-full", {"pet_config": {"pet_type": "full", "init_lora_weights": "gaussian"}}, "spec.pet_config.init_lora_weights", "needs pet_type lora or qlora"),
     ("pissa-with-qlora", {"pet_config": {"pet_type": "qlora", "quantization": {"bits": 4}, "init_lora_weights": "pissa"}}, "spec.pet_config.init_lora_weights", "pissa needs the unquantized base weights"),
     ("olora-with-adapter-uri", {"model": {"uri": "s3://models/qwen", "adapter_uri": "s3://runs/sft/final/adapter"}, "pet_config": {"init_lora_weights": "olora"}}, "spec.pet_config.init_lora_weights", "model.adapter_uri continues a trained one"),
+    ("olora-with-fsdp", {"pet_config": {"init_lora_weights": "olora"}, "parallel_config": {"strategy": "fsdp"}}, "spec.pet_config.init_lora_weights", "not supported with strategy fsdp"),
     ("offload-with-fsdp", {"training": {"gradient_checkpointing": "offload"}, "parallel_config": {"strategy": "fsdp"}}, "spec.training.gradient_checkpointing", "not supported with strategy fsdp"),
     ("streaming-without-max-steps", {"method": "pretrain", "dataset": {"uri": "s3://data/c4.jsonl", "streaming": True}}, "spec.training.max_steps", "needs training.max_steps"),
     ("streaming-with-sft", {"dataset": {"uri": "s3://data/a.json", "streaming": True}, "training": {"max_steps": 10}}, "spec.dataset.streaming", "pretrain only"),

@@ -1,7 +1,7 @@
 """training's kernel and memory switches reach the model and the Trainer: NEFTune noises the embeddings
 in training steps only, attn_implementation is what the loaded model attends with, optimizer auto is
-fused AdamW on CUDA; flash attention, Liger and activation offloading are refused in one line on a
-machine without what they need (this one: no CUDA, no flash-attn, no liger-kernel) and reach the
+fused AdamW on CUDA; flash and flex attention, Liger and activation offloading are refused in one line
+on a machine without what they need (this one: no CUDA, no flash-attn, no liger-kernel) and reach the
 TrainingArguments where they can run; packed rows train padding-free under flash attention."""
 
 from __future__ import annotations
@@ -107,13 +107,21 @@ def test_without_neftune_training_embeddings_are_clean(train_job: Any, tmp_path:
 def test_attn_implementation_is_what_the_loaded_model_attends_with(
     name: str, loaded: str, tiny_model_dirs: Any, train_job: Any, tmp_path: Path
 ) -> None:
+    from kubetune_trainer import model_loading
+
+    job = train_job(tmp_path, training={"attn_implementation": name})
+    model = model_loading.load_model(
+        tiny_model_dirs["qwen2"], job.spec, model_loading.resolve_precision("fp32")
+    )
+    assert model.config._attn_implementation == loaded
+
+
+@pytest.mark.parametrize("name", ["auto", "sdpa", "eager"])
+def test_this_machine_trains_with_sdpa_and_eager(name: str, train_job: Any, tmp_path: Path) -> None:
     from kubetune_trainer import model_loading, switches
 
     job = train_job(tmp_path, training={"attn_implementation": name})
-    precision = model_loading.resolve_precision("fp32")
-    switches.check_switches(job.spec, precision)  # this machine can run all of these
-    model = model_loading.load_model(tiny_model_dirs["qwen2"], job.spec, precision)
-    assert model.config._attn_implementation == loaded
+    switches.check_switches(job.spec, model_loading.resolve_precision("fp32"))
 
 
 # (training fields, the one line kubetune run prints on this machine)
@@ -123,6 +131,11 @@ REFUSED_HERE = [
         "training.attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package: this machine "
         "has no CUDA GPU (it trains on cpu); the flash-attn package is not installed (pip install flash-attn); "
         "use sdpa",
+    ),
+    (
+        {"attn_implementation": "flex_attention"},
+        "training.attn_implementation flex_attention trains on CUDA GPUs only (torch's FlexAttention has no "
+        "backward pass on cpu); use sdpa",
     ),
     (
         {"liger_kernel": True},
@@ -138,7 +151,9 @@ REFUSED_HERE = [
 ]
 
 
-@pytest.mark.parametrize("training,line", REFUSED_HERE, ids=["flash-attention", "liger", "offload"])
+@pytest.mark.parametrize(
+    "training,line", REFUSED_HERE, ids=["flash-attention", "flex-attention", "liger", "offload"]
+)
 def test_kubetune_run_refuses_what_this_machine_cannot_run_in_one_line(
     training: dict[str, Any], line: str, train_job: Any, tmp_path: Path
 ) -> None:

@@ -2,7 +2,8 @@
 
 - ``training.attn_implementation``: ``flash_attention_2`` needs a CUDA GPU, the flash-attn package
   (transformers' ``is_flash_attn_2_available``) and bf16/fp16 weights; ``flex_attention`` a torch
-  that has ``torch.nn.attention.flex_attention`` (transformers' ``is_torch_flex_attn_available``).
+  that has ``torch.nn.attention.flex_attention`` (transformers' ``is_torch_flex_attn_available``)
+  and a CUDA GPU (FlexAttention has no backward pass on CPU).
 - ``training.liger_kernel``: Liger's kernels are Triton kernels for CUDA GPUs and need the
   liger-kernel package (transformers' ``is_liger_kernel_available``).
 - ``training.gradient_checkpointing: offload``: transformers keeps the checkpointed layers' saved
@@ -40,10 +41,16 @@ def attn_implementation_problem(name: str, precision: Precision) -> str | None:
             return f"{field} needs a CUDA GPU and the flash-attn package: {'; '.join(missing)}; use sdpa"
         if precision.name == "fp32":
             return f"{field} runs in bf16 or fp16 only: set training.precision bf16, or use sdpa"
-    if name == "flex_attention" and not is_torch_flex_attn_available():
-        import torch
+    if name == "flex_attention":
+        if not is_torch_flex_attn_available():
+            import torch
 
-        return f"{field} needs torch's flex_attention (torch >= 2.5), this is torch {torch.__version__}; use sdpa"
+            return f"{field} needs torch's flex_attention (torch >= 2.5), this is torch {torch.__version__}; use sdpa"
+        if precision.device_type != "cuda":
+            return (
+                f"{field} trains on CUDA GPUs only (torch's FlexAttention has no backward pass on "
+                f"{precision.device_type}); use sdpa"
+            )
     return None
 
 
