@@ -165,6 +165,16 @@ def test_kubetune_run_refuses_what_this_machine_cannot_run_in_one_line(
     assert not (tmp_path / "out" / "final").exists()
 
 
+def test_the_trainer_refuses_them_too_before_loading_anything(train_job: Any, tmp_path: Path) -> None:
+    from kubetune_trainer.errors import JobError
+    from kubetune_trainer.train import run_training
+
+    job = train_job(tmp_path / "out", training=REFUSED_HERE[2][0])
+    with pytest.raises(JobError) as e:
+        run_training(job, workdir=tmp_path / "work")
+    assert str(e.value) == REFUSED_HERE[2][1]
+
+
 def test_flash_attention_in_fp32_is_refused_where_it_could_run(
     train_job: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
