@@ -1,4 +1,4 @@
-"""DPO, SimPO, reward models and pre-training survive a kill like SFT: the resilience harness
+"""DPO, SimPO, KTO, ORPO, reward models and pre-training survive a kill like SFT: the resilience harness
 (tests/test_resilience_e2e.py) with a job of each preference method and a streaming pre-training job.
 
 Each stage runs once uninterrupted (2 processes, gloo, checkpoints and output in SeaweedFS), then
@@ -40,6 +40,8 @@ PREFERENCE = {
     "dpo": ["rewards/margins", "rewards/accuracies"],
     "simpo": ["rewards/margins", "rewards/accuracies"],
     "reward": ["accuracy", "margin"],
+    "kto": ["kl"],  # pairs split into desirable and undesirable rows; a batch of 2 may hold one kind only
+    "orpo": ["rewards/margins", "rewards/accuracies", "log_odds_ratio"],
 }
 
 
@@ -127,13 +129,17 @@ def test_kill_9_and_relaunch_gives_the_uninterrupted_run(
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=REL_TOL, atol=1e-6), k
 
-    if stage in ("dpo", "simpo"):
+    if stage in ("dpo", "simpo", "orpo"):
         # progress.json carries the rewards next to the loss; training raised the margin
         rewards = pr.get("rewards") or {}
         assert set(rewards) >= {"chosen", "rejected", "margins", "accuracies"}, pr
         assert want[STEPS]["rewards/margins"] > want[1]["rewards/margins"]
     if stage == "dpo":
         assert want[1]["rewards/margins"] == 0  # the policy starts as its reference
+    if stage in ("kto", "orpo"):
+        # the method's other logged values reach progress.json's (and so status.progress's) metrics
+        want_metrics = {"kto": {"kl"}, "orpo": {"log_odds_ratio", "log_odds_chosen", "nll_loss"}}[stage]
+        assert set(pr.get("metrics") or {}) == want_metrics and pr.get("rewards"), pr
     if stage == "reward":
         # progress.json (and so status.progress) carries the preference accuracy and margin
         metrics = pr.get("metrics") or {}
