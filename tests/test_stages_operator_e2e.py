@@ -3,6 +3,8 @@ FineTuneJob -> operator -> pods running the real trainer (supervise -> torchrun)
 
 - dpo: one node, LoRA; the job Succeeds, the adapter lands in S3, progress.json and the status
   progress carry the rewards.
+- kto: one node, LoRA, on unpaired rows (prompt, completion, label); the job Succeeds and the status
+  progress carries the rewards and KTO's kl (its `metrics`).
 - pretrain (streaming, full fine-tuning): the pod is killed after a committed checkpoint; the gang
   restarts as attempt 2, resumes from that checkpoint and Succeeds with the model in S3.
 """
@@ -20,6 +22,7 @@ import pytest
 from tests.fixtures_kube import Cluster, lora_job
 from tests.kubelet import Kubelet, wait_for
 from tests.test_dpo import write_preferences
+from tests.test_kto import write_unpaired
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +47,8 @@ def stage_job(name: str, model: Path, s3: Any, stage: str, data: Path) -> dict:
     spec = doc["spec"]
     spec["parallel_config"] = {"nnodes": 1}
     spec["training"].update(max_steps=12, seq_length=64)
-    if stage == "dpo":
-        spec["method"] = "dpo"
+    if stage in ("dpo", "kto"):
+        spec["method"] = stage
         spec["dataset"] = {"uri": str(data)}
     else:
         spec["method"] = "pretrain"
@@ -78,6 +81,31 @@ def test_dpo_job_succeeds_through_the_operator(
     assert any(k.endswith("adapter_model.safetensors") for k in keys) and not any("/ref/" in k for k in keys)
     metrics = s3.store("jobs/dpo").get_bytes("metrics.jsonl").decode().splitlines()
     assert sum("rewards/margins" in line for line in metrics) == 12
+
+
+def test_kto_job_on_unpaired_rows_succeeds_through_the_operator(
+    cluster: Cluster,
+    s3: Any,
+    tiny_model: Path,
+    real_kubelet: Kubelet,  # noqa: F811
+    operator: object,
+    tmp_path: Path,
+) -> None:
+    s3_secret(cluster, s3)
+    job = stage_job("kto", tiny_model, s3, "kto", write_unpaired(tmp_path / "unpaired.jsonl", 32))
+    job["spec"]["training"]["per_device_train_batch_size"] = 4  # both kinds of reply in (nearly) every batch
+    cluster.create_job(job)
+    status = cluster.wait_phase("kto", "Succeeded", "Failed", timeout=300)
+    assert status["phase"] == "Succeeded", (status, real_kubelet.log_of("kto-a1-r0")[-3000:])
+    assert status["progress"]["summary"] == "100% (12/12)"
+    assert set(status["progress"]["rewards"]) >= {"chosen", "rejected"}, status
+    assert set(status["progress"]["metrics"]) == {"kl"}, status
+    progress = json.loads(s3.store("jobs/kto").get_bytes("progress.json"))
+    assert progress["state"] == "done" and progress["metrics"]["kl"] >= 0, progress
+    keys = s3.keys("jobs/kto/final/adapter/")
+    assert any(k.endswith("adapter_model.safetensors") for k in keys) and not any("/ref/" in k for k in keys)
+    metrics = s3.store("jobs/kto").get_bytes("metrics.jsonl").decode().splitlines()
+    assert sum('"kl"' in line for line in metrics) == 12
 
 
 def test_streaming_pretrain_job_survives_a_killed_pod(
