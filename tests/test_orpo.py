@@ -94,7 +94,7 @@ def test_pairs_whose_prompt_fills_seq_length_are_left_out(tokenizer: Any, tmp_pa
     prefs.write_text(prefs.read_text() + json.dumps(long) + "\n")
     job = make_job("long", tmp_path, prefs, tmp_path / "out", method="orpo")
     data = recipes.get("orpo").build_data(job, tokenizer, seed=0)
-    assert len(data.train_dataset) == 4 and data.stats.no_trainable == 1
+    assert len(data.train_dataset) == data.stats.sequences == 4 and data.stats.no_trainable == 1
 
     prefs.write_text(json.dumps(long) + "\n")
     with pytest.raises(DataError, match=r"every prompt fills training.seq_length \(64 tokens\)"):

@@ -57,6 +57,7 @@ class ORPORecipe(Recipe):
         if len(train) == 0:
             raise DataError(f"{ctx.ds.uri}: every prompt fills training.seq_length ({ctx.seq_length} tokens)")
         evald = _with_reply_room(built.eval_dataset, tokenizer, ctx.seq_length)
+        built.stats.sequences = len(train)  # what training iterates (stats.no_trainable counts the rest)
         return dataclasses.replace(built, train_dataset=train, eval_dataset=evald)
 
     def preview(self, job: Any, tokenizer: Any, n: int) -> list[tuple[Example, Any]]:
