@@ -99,6 +99,11 @@ def test_lora_reward_model_learns_the_preference_and_exports_its_score_head(
                    output={"uri": str(tmp_path / "out"), "merge_adapter": True})  # fmt: skip
     result = run_training(job, workdir=tmp_path / "work")
     assert result.completed and result.global_step == 30
+    # kubetune plan builds the same model: LoRA and the score head, no lm_head
+    from kubetune_trainer.plan import measure, model_config
+
+    planned = measure(job.spec, model_config(job.spec), "cpu")
+    assert (planned.trainable_params, planned.total_params) == (result.trainable_params, result.total_params)
     logs = [h for h in result.log_history if "loss" in h and "accuracy" in h]
     assert len(logs) == 30
     last5 = logs[-5:]

@@ -15,6 +15,7 @@ verdict are arithmetic in :mod:`kubetune.plan`.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,13 +125,21 @@ def meta_model(spec: FineTuneJobSpec, config: Any, precision: Any) -> tuple[Any,
     """(model, PetPlan): the job's model on the meta device as the trainer would hold it."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer import recipes
 
     pc = spec.pet_config
     pet_type = "full" if pc.pet_type == "none" else pc.pet_type
     qc = pet.quantization_config(spec, precision) if pet_type == "qlora" else None
+    head = recipes.get(spec.method).head  # a causal LM, or e.g. a reward model's classifier
+    if (
+        head.init_kwargs
+    ):  # what from_pretrained sets on the config (num_labels ...), from_config does not take
+        config = copy.deepcopy(config)
+        for key, value in head.init_kwargs.items():
+            setattr(config, key, value)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(
+        model = head.model_class().from_config(
             config, dtype=precision.dtype, trust_remote_code=spec.model.trust_remote_code
         )
     model.config.use_cache = False
@@ -138,7 +147,7 @@ def meta_model(spec: FineTuneJobSpec, config: Any, precision: Any) -> tuple[Any,
         _quantize_on_meta(model, qc, precision.dtype)
     plan = pet.PetPlan(pet_type, pet_type, qc)
     torch.manual_seed(0)  # adapter init on meta draws nothing, but peft may touch the RNG
-    model = pet.apply_pet(model, spec, plan)
+    model = pet.apply_pet(model, spec, plan, head=head)
     if qc is not None:
         _first_forward_casts(model)
     return model, plan
