@@ -132,9 +132,8 @@ def meta_model(spec: FineTuneJobSpec, config: Any, precision: Any) -> tuple[Any,
     pet_type = "full" if pc.pet_type == "none" else pc.pet_type
     qc = pet.quantization_config(spec, precision) if pet_type == "qlora" else None
     head = recipes.get(spec.method).head  # a causal LM, or e.g. a reward model's classifier
-    if (
-        head.init_kwargs
-    ):  # what from_pretrained sets on the config (num_labels ...), from_config does not take
+    # what from_pretrained sets on the config (num_labels ...) from_config does not take as arguments
+    if head.init_kwargs:
         config = copy.deepcopy(config)
         for key, value in head.init_kwargs.items():
             setattr(config, key, value)
