@@ -68,6 +68,9 @@ def run_job(job: FineTuneJob, workdir: Path) -> TrainResult:
             supersede(job)
         with Resilience(job, workdir=workdir) as res:
             callbacks = res.callbacks()
+            from kubetune_trainer.startup import startup_callback
+
+            callbacks.append(startup_callback())  # one line: what this start cost before training
             if lease is not None:
                 from kubetune_trainer.lease import lease_callback
 
