@@ -225,3 +225,13 @@ def test_full_reward_model_with_fsdp_on_two_processes(model_dir: Path, prefs: Pa
     assert len(logs) == 6 and all("accuracy" in r for r in logs)
     with safe_open(tmp_path / "out" / "final" / "merged" / "model.safetensors", "pt") as f:
         assert "score.weight" in f.keys()
+
+
+def test_kubetune_status_shows_the_reward_models_accuracy() -> None:
+    from kubetune.progress import TrainerProgress
+    from kubetune_trainer.progress import format_progress
+
+    doc = TrainerProgress(job="rm", state="running", step=20, total_steps=30, loss=0.12,
+                          metrics={"accuracy": 0.95, "margin": 1.3, "eval_accuracy": 0.9})  # fmt: skip
+    text = format_progress(doc)
+    assert "loss 0.1200, accuracy 0.95, margin 1.3, eval_accuracy 0.9" in text, text

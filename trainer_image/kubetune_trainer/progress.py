@@ -228,6 +228,8 @@ def format_progress(p: TrainerProgress, uri: str = "") -> str:
         parts.append(f"reward margin {rewards['margins']:.3f}")
     if rewards.get("accuracies") is not None:
         parts.append(f"preference accuracy {rewards['accuracies']:.0%}")
+    for name, value in (p.metrics or {}).items():  # the method's own values (reward: accuracy, margin ...)
+        parts.append(f"{name} {value:.4g}")
     if p.tokens_per_second is not None:
         parts.append(f"{p.tokens_per_second:.0f} tokens/s")
     if p.eta_seconds is not None and p.state == "running":
