@@ -86,6 +86,30 @@ def test_lora_simpo_raises_margin_and_accuracy_without_a_reference(
     assert keys and all("lora_" in k for k in keys)
 
 
+def test_a_pair_whose_prompt_fills_seq_length_is_dropped_not_a_nan_loss(
+    model_dir: Path, prefs: Path, tmp_path: Path
+) -> None:
+    """CPOTrainer keeps a too-long prompt whole and empties its replies (a mean over no token: NaN);
+    such pairs are dropped, as DPO drops them, and the others train."""
+    import json
+    import math
+
+    from kubetune_trainer.train import run_training
+
+    rows = [json.loads(line) for line in prefs.read_text().splitlines()[:16]]
+    for r in rows[::2]:
+        r["prompt"] = (
+            " ".join(["Please read this long story about apples and count them."] * 20) + r["prompt"]
+        )
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    job = make_job("long", model_dir, data, tmp_path / "out", method="simpo",
+                   dataset={"validation_split": 0.25}, training={"max_steps": 4, "eval_steps": 4})  # fmt: skip
+    result = run_training(job, workdir=tmp_path / "work")
+    values = [h[k] for h in result.log_history for k in ("loss", "eval_loss", "rewards/margins") if k in h]
+    assert values and all(math.isfinite(v) for v in values), result.log_history
+
+
 def test_qlora_simpo_trains_on_the_quantized_base(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
     from kubetune_trainer.train import run_training
 

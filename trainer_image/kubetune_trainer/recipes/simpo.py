@@ -7,8 +7,10 @@ avg logp(rejected)) - gamma)``. Nothing but the trained model is held: no refere
 reference adapter, so LoRA, QLoRA, freeze and full fine-tuning train one copy of the weights.
 
 - data: DPO's (``datasets_build.preference_data``: prompt/chosen/rejected text rendered with the
-  chat template and system prompt; TRL tokenizes it, a prompt longer than ``seq_length`` is cut
-  from the start); ``dataset.mix`` is refused;
+  chat template and system prompt; TRL tokenizes it and cuts the replies to fit ``seq_length``);
+  ``dataset.mix`` is refused. A pair whose prompt alone fills ``seq_length`` is dropped, as DPO
+  drops it (``DataStats.no_trainable`` counts them): CPOTrainer would keep the whole prompt and
+  empty replies, whose mean log-probability is 0/0, a NaN loss;
 - arguments: TRL's ``CPOConfig`` built from every method's keyword arguments (transformers'
   defaults where CPOConfig has others) plus ``beta = training.simpo_beta``, ``simpo_gamma =
   training.simpo_gamma`` and ``cpo_alpha = training.cpo_alpha`` (0: pure SimPO; above 0 adds CPO's
@@ -22,20 +24,41 @@ reference adapter, so LoRA, QLoRA, freeze and full fine-tuning train one copy of
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kubetune_trainer.data_sources import DataError
 from kubetune_trainer.errors import JobError
 from kubetune_trainer.recipes.base import TrainerSetup, arguments
 from kubetune_trainer.recipes.dpo import DPORecipe
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJobSpec
+    from kubetune_trainer.datasets_build import BuiltData
 
 
 class SimPORecipe(DPORecipe):
     """DPO's data and preview; TRL's CPOTrainer with the SimPO loss, no reference model."""
 
     method: ClassVar[str] = "simpo"
+
+    def build_data(self, job: Any, tokenizer: Any, *, seed: int, device_type: str = "cpu") -> BuiltData:
+        data = super().build_data(job, tokenizer, seed=seed, device_type=device_type)
+        limit = job.spec.training.seq_length
+
+        def room_for_a_reply(batch: dict[str, list[Any]]) -> list[bool]:
+            return [len(ids) < limit for ids in tokenizer(batch["prompt"])["input_ids"]]
+
+        train = data.train_dataset.filter(room_for_a_reply, batched=True)
+        if len(train) == 0:
+            raise DataError(
+                f"{job.spec.dataset.uri}: every pair's prompt alone fills seq_length {limit}; raise "
+                "training.seq_length"
+            )
+        evald = data.eval_dataset
+        if evald is not None:
+            evald = evald.filter(room_for_a_reply, batched=True)
+        return dataclasses.replace(data, train_dataset=train, eval_dataset=evald if evald else None)
 
     def training_arguments(self, spec: FineTuneJobSpec, kwargs: dict[str, Any]) -> Any:
         return arguments(_cpo().CPOConfig, {**kwargs, **simpo_fields(spec)})
