@@ -157,10 +157,13 @@ def test_preference_pairs_are_split_into_desirable_and_undesirable_rows(
     from kubetune_trainer import recipes
 
     prefs = write_preferences(tmp_path / "prefs.jsonl", 10)
+    long = {"prompt": "count " * 200, "chosen": "ok", "rejected": "no"}  # no room left for a reply: left out
+    prefs.write_text(prefs.read_text() + json.dumps(long) + "\n")
     job = kto_job("pairs", tmp_path, prefs, tmp_path / "out")
     data = recipes.get("kto").build_data(job, tokenizer, seed=42)
     rows = data.train_dataset.to_list()
-    assert len(rows) == 20 and sum(r["label"] for r in rows) == 10
+    assert len(rows) == data.stats.sequences == 20 and sum(r["label"] for r in rows) == 10
+    assert data.stats.no_trainable == 2
     by_reply = {(r["completion"].split("<|im_end|>")[0], r["label"]) for r in rows}
     assert ("No idea, count them yourself.", False) in by_reply
     assert all(label for reply, label in by_reply if reply.startswith("Sure!"))

@@ -9,7 +9,8 @@ KTO learns from replies labelled one by one, desirable or undesirable, with no p
   TRL tokenizes it. TRL estimates KTO's KL term from mismatched (prompt, reply) pairs within each
   batch and so reads the rows in order (its ``train_sampling_strategy='sequential'``): the rows are
   shuffled once here, seeded, so batches mix desirable and undesirable replies of different prompts
-  and a resumed run reads the same order. ``dataset.mix`` and ``training.group_by_length`` are
+  and a resumed run reads the same order; rows whose prompt fills ``seq_length`` are left out
+  (TRL would train them on an empty reply). ``dataset.mix`` and ``training.group_by_length`` are
   refused; ``per_device_train_batch_size`` must be at least 2 (the KL term needs a neighbour);
 - arguments: TRL's ``KTOConfig`` built from every method's keyword arguments plus
   ``beta = training.kto_beta``, ``desirable_weight`` / ``undesirable_weight`` and
@@ -80,24 +81,43 @@ def unpaired_dataset(
     return datasets.Dataset.from_dict(cols)
 
 
+def _with_reply_room(dataset: Any, ctx: Any) -> Any:
+    """The rows whose prompt leaves room for a reply within seq_length (TRL would train the others on an
+    empty reply; ``DataStats.no_trainable`` counts them)."""
+    tok, limit = ctx.renderer.tok, ctx.seq_length
+    return dataset.filter(lambda row: len(tok(row["prompt"])["input_ids"]) < limit)
+
+
 class KTORecipe(Recipe):
     method: ClassVar[str] = "kto"
 
     def build_data(self, job: Any, tokenizer: Any, *, seed: int, device_type: str = "cpu") -> BuiltData:
+        from datasets.utils.logging import disable_progress_bar
+
         from kubetune_trainer import datasets_build as db
         from kubetune_trainer.data_sources import DataError
 
+        disable_progress_bar()  # datasets' filter and map bars would fill pod logs
         ctx = db.data_context(job, tokenizer, seed=seed, device_type=device_type)
         train_ex, eval_ex = db.read_main(ctx)
         if ctx.ds.mix:
             raise DataError(f"dataset.mix is not supported with method {self.method}")
-        train = unpaired_dataset(ctx.renderer, train_ex, ctx.seq_length, seed, ctx.stats)
+        train = _with_reply_room(
+            unpaired_dataset(ctx.renderer, train_ex, ctx.seq_length, seed, ctx.stats), ctx
+        )
+        if len(train) == 0:
+            raise DataError(f"{ctx.ds.uri}: every prompt fills training.seq_length ({ctx.seq_length} tokens)")
+        ctx.stats.sequences = len(train)
         if not any(train["label"]) or all(train["label"]):
             kind = "undesirable (label false)" if any(train["label"]) else "desirable (label true)"
             raise DataError(
                 f"{ctx.ds.uri}: method kto needs desirable and undesirable replies; none is {kind}"
             )
-        evald = unpaired_dataset(ctx.renderer, eval_ex, ctx.seq_length, seed, None) if eval_ex else None
+        evald = (
+            _with_reply_room(unpaired_dataset(ctx.renderer, eval_ex, ctx.seq_length, seed, None), ctx)
+            if eval_ex
+            else None
+        )
         ctx.stats.eval_samples = len(evald) if evald is not None else 0
         return ctx.built(train, evald, None, False)
 
