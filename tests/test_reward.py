@@ -235,3 +235,31 @@ def test_kubetune_status_shows_the_reward_models_accuracy() -> None:
                           metrics={"accuracy": 0.95, "margin": 1.3, "eval_accuracy": 0.9})  # fmt: skip
     text = format_progress(doc)
     assert "loss 0.1200, accuracy 0.95, margin 1.3, eval_accuracy 0.9" in text, text
+
+
+def test_pairs_longer_than_seq_length_are_left_out_and_said(
+    model_dir: Path, prefs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TRL's reward trainer drops a pair with a side longer than seq_length (a cut reply would be
+    scored on text it lacks): one warning says how many; when none is left, one line says so."""
+    from transformers import AutoTokenizer
+
+    from kubetune_trainer import recipes
+    from kubetune_trainer.data_sources import DataError
+
+    rows = [json.loads(line) for line in prefs.read_text().splitlines()[:8]]
+    for r in rows[:3]:
+        r["chosen"] = " ".join(["This is a very long and careful answer."] * 20)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    recipe = recipes.get("reward")
+    job = make_job("long", model_dir, data, tmp_path / "out", method="reward", training={"seq_length": 64})
+    with caplog.at_level("WARNING", logger="kubetune.reward"):
+        recipe.build_data(job, tok, seed=0)
+    assert "3 of 8 pairs have a side longer than training.seq_length 64" in caplog.text
+    short = make_job("short", model_dir, data, tmp_path / "out", method="reward", training={"seq_length": 8})
+    with pytest.raises(
+        DataError, match=r"every pair has a side longer than seq_length 8.*raise training.seq_length"
+    ):
+        recipe.build_data(short, tok, seed=0)

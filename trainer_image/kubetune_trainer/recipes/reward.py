@@ -29,14 +29,19 @@ toward mean zero).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kubetune_trainer.data_sources import DataError
 from kubetune_trainer.errors import JobError
 from kubetune_trainer.recipes.base import ModelHead, TrainerSetup, arguments
 from kubetune_trainer.recipes.dpo import DPORecipe
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJobSpec
+    from kubetune_trainer.datasets_build import BuiltData
+
+log = logging.getLogger("kubetune.reward")
 
 # Qwen2, Llama, Mistral, Gemma ... name their sequence classification head `score`
 SCORE_HEAD = "score"
@@ -52,6 +57,22 @@ class RewardRecipe(DPORecipe):
         peft_task_type="SEQ_CLS",
         modules_to_save=(SCORE_HEAD,),
     )
+
+    def build_data(self, job: Any, tokenizer: Any, *, seed: int, device_type: str = "cpu") -> BuiltData:
+        data = super().build_data(job, tokenizer, seed=seed, device_type=device_type)
+        stats, limit = data.stats, job.spec.training.seq_length
+        if stats.truncated and stats.truncated >= stats.samples:
+            raise DataError(
+                f"{job.spec.dataset.uri}: every pair has a side longer than seq_length {limit}, and a reward model "
+                "scores whole replies; raise training.seq_length"
+            )
+        if stats.truncated:
+            log.warning(
+                "%d of %d pairs have a side longer than training.seq_length %d: TRL's reward trainer leaves them "
+                "out (a cut reply would be scored on text it lacks); raise seq_length to train on them",
+                stats.truncated, stats.samples, limit,
+            )  # fmt: skip
+        return data
 
     def training_arguments(self, spec: FineTuneJobSpec, kwargs: dict[str, Any]) -> Any:
         from trl import RewardConfig
