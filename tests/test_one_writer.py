@@ -2,7 +2,7 @@
 
 The lease (`<output>/LEASE`) against the real stores (SeaweedFS for s3://, a directory for
 file://), then whole `kubetune run` process trees: a second writer is refused in one line while
-the first trains, a SIGKILL of `kubetune run` takes torchrun and its worker down with it, and a
+the first trains, a SIGKILL of `kubetune run` takes its worker (and torchrun, with several processes) down with it, and a
 relaunch takes the dead holder's lease over at once and resumes.
 """
 
@@ -172,14 +172,14 @@ def test_a_second_writer_is_refused_and_kill_9_of_kubetune_run_ends_the_tree_and
         assert f"on {socket.gethostname()}" in last and "valid until 20" in last
         assert "Traceback" not in second.stderr and "ChildFailedError" not in second.stderr
         log = Path(last.rsplit("full log: ", 1)[1].rstrip(")"))
-        assert "ChildFailedError" in log.read_text()  # torchrun's report is kept there
+        assert "kubetune: error: spec.output.uri " in log.read_text()  # all the trainer said is kept there
 
         assert first.poll() is None, "the first writer must still be training"
         tree = process_tree(first.pid)
-        assert len(tree) >= 2, "torchrun and its worker"
+        assert len(tree) >= 1, "the worker (one process: kubetune run starts it without torchrun)"
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
-        _wait("torchrun and the worker to die with kubetune run", lambda: alive(tree) == [], 30)
+        _wait("the worker to die with kubetune run", lambda: alive(tree) == [], 30)
     finally:
         for p in [first.pid, *process_tree(first.pid)]:
             with_suppressed_kill(p)

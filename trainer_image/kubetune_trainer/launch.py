@@ -9,7 +9,11 @@ holds the finished run (``--restart`` trains again from step 0), then starts
     python -m torch.distributed.run --standalone --nproc-per-node N -m kubetune_trainer --config COPY
 
 in the current directory (relative URIs in the job are relative to it). N is ``--nproc-per-node``,
-else ``spec.parallel_config.nproc_per_node``, else the number of GPUs, else 1. The processes talk
+else ``spec.parallel_config.nproc_per_node``, else the number of GPUs, else 1. With N = 1 there is
+no torchrun: ``kubetune run`` starts ``python -m kubetune_trainer`` itself with the environment
+torchrun's agent would give its one worker (:func:`single_process_env`), which saves the agent's own
+Python start and torch import before the trainer's. The GPUs are counted without importing torch
+where the machine has no GPU driver's device nodes. The processes talk
 over gloo on CPU and NCCL on GPUs (accelerate picks the backend from the device). torchrun's
 in-pod restarts are off locally.
 
@@ -26,6 +30,7 @@ Ctrl-C kills the tree at once. SIGTERM and SIGHUP are passed on like the first C
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -44,16 +49,25 @@ import yaml
 from kubetune.conventions import ENV_AGENT_PID, ENV_RESTART, EXIT_PREEMPTED, EXIT_USER_ERROR
 from kubetune.locations import WORK_DIRS
 from kubetune.validate import apply_profile, load_job, load_jobs_text, load_profile
+from kubetune_trainer.startup import ENV_LAUNCHED_AT
 
 RUN_LOG = "run.log"
 _KEEP_RUNS = 10  # work directories of earlier runs of a job kept (their logs)
 _BULKY = WORK_DIRS  # of a finished or dead run
 
 
+# device nodes of a GPU driver (NVIDIA, and ROCm's for AMD): without them torch sees no GPU either
+_GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
 def _default_nproc(force_cpu: bool = False) -> tuple[int, str]:
+    if force_cpu or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return 1, "cpu"
+    if not any(os.path.exists(p) for p in _GPU_DEVICE_NODES):
+        return 1, "cpu"  # no GPU driver here: answered without importing torch (a second or two)
     import torch
 
-    gpus = 0 if force_cpu else torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return (gpus, "cuda") if gpus else (1, "cpu")
 
 
@@ -66,9 +80,13 @@ def _cpu_count() -> int:
 
 def _method_problem(job: Any) -> str | None:
     """The one-line reason this machine cannot run the job's method or find its model, or None."""
-    from kubetune_trainer.train import quiet_known_noise
+    import logging
 
-    quiet_known_noise()  # before anything imports bitsandbytes: it warns once, at import
+    from kubetune_trainer.train import _NOISE
+
+    # before anything imports bitsandbytes: it warns once, at import (quiet_known_noise's other
+    # parts would import transformers, a second this process has no use for)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NOISE)
     from kubetune_trainer import model_loading, pet, switches
     from kubetune_trainer.errors import JobError
 
@@ -243,6 +261,7 @@ def run_local(
     """Run the job in `path` locally, with the ``--set PATH=VALUE`` `overrides` and the FineTuneProfile
     file `profile` applied if given; returns the exit status (0: trained and exported, or already finished; 65: a problem with the job or this
     machine; 75: interrupted, resumable)."""
+    launched_at = time.time()
     job = apply_profile(load_job(path, overrides), load_profile(profile) if profile else None, str(path))
     doc = job.model_dump(mode="json", exclude_none=True)
     if output is not None:
@@ -250,7 +269,8 @@ def run_local(
     if max_steps is not None:
         doc["spec"]["training"]["max_steps"] = max_steps
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
-    job = load_jobs_text(text, str(path))[0]  # the overrides are validated like the file
+    if output is not None or max_steps is not None:
+        job = load_jobs_text(text, str(path))[0]  # the overrides are validated like the file
 
     gpus_here, device = _default_nproc(force_cpu=cpu)
     gpus_here = gpus_here if device == "cuda" else 0
@@ -298,7 +318,11 @@ def run_local(
             env["CUDA_VISIBLE_DEVICES"] = ""
         if restart:
             env[ENV_RESTART] = "1"
-        code = _run_torchrun(job, torchrun, env, run_dir)
+        env.setdefault(ENV_LAUNCHED_AT, f"{launched_at:.3f}")  # for the trainer's startup line
+        if nproc == 1:  # torchrun's agent would only start this one process (and import torch again)
+            code = _run_single(job, torchrun[torchrun.index("-m") :], env, run_dir)
+        else:
+            code = _run_torchrun(job, torchrun, env, run_dir)
     if code == 0:
         _drop_bulky(run_dir)
     return code
@@ -333,8 +357,20 @@ def _run_torchrun(job: Any, torchrun_args: list[str], env: dict[str, str], run_d
         interrupted = _wait_forwarding_signals(proc)
         for t in pumps:
             t.join(timeout=10)
+    return _report(job, proc.returncode, interrupted, console, markers, log_path, exit_status)
+
+
+def _report(
+    job: Any,
+    status: int,
+    interrupted: str | None,
+    console: _Console,
+    markers: Any,
+    log_path: Path,
+    exit_status: Any,
+) -> int:
+    """The exit status of `kubetune run` and its last line, from how the gang ended."""
     preempted, reason = markers.read()
-    status = proc.returncode
     if interrupted == "killed":
         print(f"kubetune run: stopped at once (second Ctrl-C); log: {log_path}", file=sys.stderr)
         return 130
@@ -361,9 +397,67 @@ def _run_torchrun(job: Any, torchrun_args: list[str], env: dict[str, str], run_d
     return code
 
 
-def _wait_forwarding_signals(proc: subprocess.Popen) -> str | None:
-    """Wait for torchrun; pass the first SIGINT/SIGTERM/SIGHUP on, kill everything on a second
-    SIGINT. Returns None, "forwarded" or "killed"."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_process_env(env: dict[str, str], launcher_pid: int) -> dict[str, str]:
+    """What torchrun --standalone --nproc-per-node 1 gives its one worker, for a worker `kubetune run`
+    starts itself: the same rank variables (so accelerate sets up the same one-process gloo/NCCL group
+    and checkpoints are the same), the worker hosting its own store, and dying with the launcher."""
+    return {
+        **env,
+        "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "ROLE_RANK": "0", "ROLE_NAME": "default",
+        "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_RUN_ID": f"kubetune-run-{launcher_pid}", "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+        ENV_AGENT_PID: str(launcher_pid),  # lifetime.die_with_parent: the worker dies with us
+    }  # fmt: skip
+
+
+def _run_single(job: Any, worker_args: list[str], env: dict[str, str], run_dir: Path) -> int:
+    """One worker, started here as torchrun would start it; its exit status and console as
+    :func:`_run_torchrun` reports them."""
+    from kubetune_trainer.supervise import Markers, exit_status
+
+    markers = Markers()
+    env = single_process_env(markers.child_env(worker_args, env), os.getpid())
+    log_path = run_dir / RUN_LOG
+    with open(log_path, "ab") as log:
+        console = _Console(log)
+        proc = subprocess.Popen(
+            [sys.executable, *worker_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        pump = threading.Thread(target=console.pump_workers, args=(proc.stdout,), daemon=True)
+        pump.start()
+        # as torchrun does: a worker that has not exited this long after the signal is killed
+        grace = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+        interrupted = _wait_forwarding_signals(proc, kill_after=grace)
+        pump.join(timeout=10)
+    status = proc.returncode
+    if status != 0:
+        console.worker_failures.append((0, status))
+        status = 1  # what torchrun exits with when its worker failed
+    return _report(job, status, interrupted, console, markers, log_path, exit_status)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_forwarding_signals(proc: subprocess.Popen, kill_after: float | None = None) -> str | None:
+    """Wait for torchrun (or the one worker); pass the first SIGINT/SIGTERM/SIGHUP on, kill everything on
+    a second SIGINT, or `kill_after` seconds after the first. Returns None, "forwarded" or "killed"."""
     state: list[str] = []
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -385,6 +479,10 @@ def _wait_forwarding_signals(proc: subprocess.Popen) -> str | None:
                 proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
             except ProcessLookupError:
                 pass
+            if kill_after is not None:
+                timer = threading.Timer(kill_after, _kill_group, args=(proc,))
+                timer.daemon = True
+                timer.start()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

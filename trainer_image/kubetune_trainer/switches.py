@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 def attn_implementation_problem(name: str, precision: Precision) -> str | None:
     """Why `training.attn_implementation` `name` cannot run here, or None."""
+    if name not in ("flash_attention_2", "flex_attention"):
+        return None  # without importing transformers: kubetune run asks this before its trainer starts
     from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
 
     field = f"training.attn_implementation {name}"
