@@ -354,7 +354,7 @@ class Training(_Model):
         return _scalar_choice(v, (True, False, "offload"))
 
     simpo_beta: float = Field(
-        2.0, gt=0, description="simpo: scale of the length-normalised reward (TRL's beta; the SimPO paper: 2.0 to 2.5)."
+        2.0, gt=0, description="simpo: scale of the length-normalised reward (TRL's beta; paper: 2.0 to 2.5)."
     )
     simpo_gamma: float = Field(
         1.0, ge=0, description="simpo: target reward margin the chosen reply must beat the rejected one by."
@@ -1122,11 +1122,12 @@ class Progress(BaseModel):
     tokens_per_second: float | None = Field(None, description="Training throughput over the whole gang.")
     eta_seconds: float | None = Field(None, description="Estimated seconds to the end.")
     rewards: dict[str, float] | None = Field(
-        None, description="method dpo: latest mean rewards (chosen, rejected, margins, accuracies)."
+        None, description="dpo, simpo ...: latest mean rewards (chosen, rejected, margins, accuracies)."
     )
     metrics: dict[str, float] | None = Field(
         None,
-        description="The method's other logged values, latest (kto: kl; orpo: log_odds_ratio, nll_loss ...).",
+        description="The method's other logged values, latest (kto: kl; orpo: log_odds_ratio, nll_loss; reward: "
+        "accuracy, margin, eval_accuracy ...).",
     )
     state: str | None = Field(None, description="Trainer state: running, saving, done, failed.")
 
