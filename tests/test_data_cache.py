@@ -300,3 +300,28 @@ def test_a_restart_trains_on_the_same_batches_from_the_cache(
     losses = [[h["loss"] for h in r.log_history if "loss" in h] for r in (first, second)]
     assert losses[0] == losses[1] and len(losses[0]) == 6
     assert first.eval_loss == second.eval_loss and first.tokens_seen == second.tokens_seen
+
+
+def test_the_memory_tokenizing_used_goes_back_to_the_os() -> None:
+    """What a build leaves free (token-id lists, Arrow buffers) would otherwise stay resident for the
+    whole run: glibc and Arrow's pool keep it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import random, pyarrow as pa\n"
+        "from kubetune_trainer.startup import memory_mib\n"
+        "from kubetune_trainer.data_cache import release_build_memory\n"
+        "base = memory_mib()[0]\n"
+        "rows = [[random.randrange(50000) for _ in range(300)] for _ in range(20000)]\n"
+        "table = pa.table({'input_ids': rows})\n"
+        "del rows, table\n"
+        "held = memory_mib()[0]\n"
+        "release_build_memory()\n"
+        "print(held - base, memory_mib()[0] - base)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    held, after = map(float, out.stdout.split())
+    assert held > 100 and after < held / 2, (held, after)
