@@ -1,10 +1,12 @@
 """Fixtures for operator tests: an API server (tests/kube_api.py) with the FineTuneJob CRD, a kubelet
 stand-in (tests/kubelet.py), and the operator itself, in-process (KopfRunner) or as a process; for the
 end-to-end tests, `real_kubelet` (pods run their real command, steps slowed) and `lora_job` (a
-two-node LoRA FineTuneJob on the tiny model with S3 checkpoints)."""
+two-node LoRA FineTuneJob on the tiny model with S3 checkpoints), with `s3_secret` (creates the
+`s3-credentials` Secret it names)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import os
@@ -254,6 +256,15 @@ def lora_job(name: str, model: Path, s3: Any) -> dict:
             "restart_policy": {"max_restarts": 2, "backoff_seconds": 1},
         },
     }
+
+
+def s3_secret(cluster: Cluster, s3: Any) -> None:
+    """The `s3-credentials` Secret (the S3 stand-in's keys) that `lora_job` and its kin name."""
+    data = {
+        k: base64.b64encode(s3.env[k].encode()).decode()
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    cluster.core.create_namespaced_secret("default", {"metadata": {"name": "s3-credentials"}, "data": data})
 
 
 def kopf_parses(argv: list[str]) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def test_group_by_length_reaches_dpo_pairs(tiny_model_dirs: dict, tmp_path: Path
     """TRL's DPOTrainer samples with the same sampler: a pair is as long as its prompt and longer reply."""
     from kubetune_trainer import model_loading, pet
     from kubetune_trainer.recipes.dpo import build_dpo_trainer
-    from tests.test_dpo import make_job as dpo_job
+    from tests.fixtures_preference import make_job as dpo_job
 
     rows = json.loads(ALPACA.read_text())[:48]
     pairs = [

@@ -14,7 +14,6 @@ import dataclasses
 import gc
 import json
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,57 +21,17 @@ from typing import Any
 import pytest
 from transformers import TrainerCallback
 
-from kubetune.spec import FineTuneJob
 from kubetune_trainer.data_sources import DataError
+from tests.fixtures_preference import (
+    changed,
+    live_models,
+    live_tensor_bytes,
+    make_job,
+    snapshot,
+    write_preferences,
+)
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-
-
-def write_preferences(path: Path, n: int, seed: int = 0) -> Path:
-    """prompt/chosen/rejected rows: a helpful, correct answer is preferred to a refusal."""
-    rng = random.Random(seed)
-    things = ["apples", "books", "cats", "chairs", "stars", "coins", "trees", "birds", "boats", "shoes"]
-    rows = []
-    for _ in range(n):
-        a, b, t = rng.randint(1, 20), rng.randint(1, 20), rng.choice(things)
-        rows.append(
-            {
-                "prompt": f"I have {a} {t} and get {b} more. How many {t} do I have?",
-                "chosen": f"Sure! You have {a + b} {t}.",
-                "rejected": "No idea, count them yourself.",
-            }
-        )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def make_job(name: str, model_path: Path, data: Path, out: Path, **spec: Any) -> FineTuneJob:
-    training = {
-        "max_steps": 30, "learning_rate": 2e-3, "per_device_train_batch_size": 4, "seq_length": 64,
-        "precision": "fp32", "lr_scheduler_type": "constant", "logging_steps": 1,
-        **spec.pop("training", {}),
-    }  # fmt: skip
-    doc = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": str(model_path), **spec.pop("model", {})},
-            "dataset": {"uri": str(data), **spec.pop("dataset", {})},
-            "method": "dpo",
-            "pet_config": {
-                "pet_type": "lora",
-                "lora_rank": 8,
-                "lora_alpha": 16,
-                **spec.pop("pet_config", {}),
-            },
-            "training": training,
-            "checkpoint": {"every_steps": 1000},
-            "output": {"uri": str(out)},
-            **spec,
-        },
-    }
-    return FineTuneJob.model_validate(doc)
 
 
 @pytest.fixture(scope="module")
@@ -91,51 +50,12 @@ def prefs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---------------------------------------------------------------- what is alive during training
 
 
-def live_tensor_bytes() -> int:
-    """Bytes of every distinct tensor storage reachable in this process."""
-    import torch
-
-    gc.collect()
-    seen: set[int] = set()
-    total = 0
-    for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor):
-            continue
-        try:
-            storage = obj.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            continue
-        if storage.data_ptr() in seen:
-            continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-    return total
-
-
-def live_models(model_dir: Path) -> list[Any]:
-    """Whole causal LMs (not their inner decoder stacks) loaded from `model_dir`, alive now."""
-    from transformers import PreTrainedModel
-
-    gc.collect()
-    return [
-        o
-        for o in gc.get_objects()
-        if isinstance(o, PreTrainedModel)
-        and type(o).__name__.endswith("ForCausalLM")
-        and getattr(o.config, "_name_or_path", None) == str(model_dir)
-    ]
-
-
 def the_trainer(model: Any) -> Any:
     from trl import DPOTrainer
 
     found = [o for o in gc.get_objects() if isinstance(o, DPOTrainer) and o.model is model]
     assert len(found) == 1
     return found[0]
-
-
-def snapshot(named: Any) -> dict[str, Any]:
-    return {name: p.detach().clone() for name, p in named}
 
 
 class Probe(TrainerCallback):
@@ -176,13 +96,6 @@ class Probe(TrainerCallback):
             "ref_in_optimizer": trainer.ref_model is not None
             and any(id(p) in optimized for p in trainer.ref_model.parameters()),
         }
-
-
-def changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
-    import torch
-
-    assert before.keys() == after.keys()
-    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
 def train_logs(result: Any) -> list[dict]:

@@ -24,10 +24,9 @@ from kubetune.spec import (
     FineTuneJobSpec,
 )
 from kubetune_operator import state
-from tests.fixtures_kube import Cluster, free_port, lora_job
+from tests.fixtures_kube import Cluster, free_port, lora_job, s3_secret
 from tests.fixtures_train import MEMO_ROWS
 from tests.kubelet import Kubelet
-from tests.test_stages_operator_e2e import s3_secret
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 URI = "s3://runs/job/eval/results.json"

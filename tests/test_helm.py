@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import helm_python as helm
 import jsonschema
@@ -12,12 +11,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.fixtures_helm import CHART, NAMESPACE, RELEASE, render
 from tests.fixtures_kube import kopf_parses
 from tests.kube_checks import K8S_VERSIONS, name_problems, restricted_problems, validate_strict
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "helm" / "kubetune"
-RELEASE, NAMESPACE = "kubetune", "kubetune-system"
 
 # Value sets every check runs on: defaults, a namespaced install with everything switched on.
 NAMESPACED = {
@@ -47,16 +45,6 @@ NOT_BUILT_IN = {"ServiceMonitor", "FineTuneProfile"}
 def chart():
     with helm.Chart.load(CHART) as ch:
         yield ch
-
-
-def render(chart: helm.Chart, values: dict | None = None) -> list[dict[str, Any]]:
-    out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    objs = []
-    for path, text in sorted(out.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        objs += [d for d in yaml.safe_load_all(text) if d]
-    return objs
 
 
 def notes(chart: helm.Chart, values: dict | None = None) -> str:

@@ -19,19 +19,14 @@ import pytest
 from transformers import TrainerCallback
 
 from kubetune.validate import SpecError, load_jobs_text
-from tests.test_dpo import changed, live_models, make_job, snapshot, write_preferences
-
-
-def write_unpaired(path: Path, n: int, seed: int = 0) -> Path:
-    """prompt/completion/label rows from write_preferences' pairs: row i keeps the correct answer
-    (label true) for even i, the refusal (label false) for odd i."""
-    pairs = [json.loads(line) for line in write_preferences(path, n, seed).read_text().splitlines()]
-    rows = [
-        {"prompt": p["prompt"], "completion": p["chosen" if i % 2 == 0 else "rejected"], "label": i % 2 == 0}
-        for i, p in enumerate(pairs)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from tests.fixtures_preference import (
+    changed,
+    live_models,
+    make_job,
+    snapshot,
+    write_preferences,
+    write_unpaired,
+)
 
 
 def kto_job(name: str, model: Path, data: Path, out: Path, **spec: Any) -> Any:

@@ -154,7 +154,7 @@ def test_the_running_operator_exports_each_jobs_training_gauges(
 def chart() -> Any:
     import helm_python as helm
 
-    from tests.test_helm import CHART
+    from tests.fixtures_helm import CHART
 
     with helm.Chart.load(CHART) as ch:
         yield ch
@@ -173,7 +173,7 @@ def exported_names() -> set[str]:
 
 
 def test_the_chart_ships_a_grafana_dashboard_of_the_gauges(chart: Any) -> None:
-    from tests.test_helm import render
+    from tests.fixtures_helm import render
 
     assert not [o for o in render(chart) if o["kind"] == "ConfigMap"]  # off by default
     values = {
@@ -209,7 +209,7 @@ def test_the_chart_ships_a_grafana_dashboard_of_the_gauges(chart: Any) -> None:
 
 
 def test_a_misspelt_dashboard_value_fails_at_install(chart: Any) -> None:
-    from tests.test_helm import render
+    from tests.fixtures_helm import render
 
     with pytest.raises(Exception, match="grafanaDashboard"):
         render(chart, {"metrics": {"grafanaDashboard": {"enabled": "yes"}}})

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_dpo import live_models, make_job, write_preferences
+from tests.fixtures_preference import live_models, make_job, write_preferences
 
 
 def orpo_logs(result: Any) -> list[dict]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_dpo import make_job, write_preferences
+from tests.fixtures_preference import make_job, write_preferences
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_dpo import make_job, write_preferences
+from tests.fixtures_preference import make_job, write_preferences
 
 
 @pytest.fixture(scope="module")

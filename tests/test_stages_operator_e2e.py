@@ -11,7 +11,6 @@ FineTuneJob -> operator -> pods running the real trainer (supervise -> torchrun)
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 from pathlib import Path
@@ -19,10 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures_kube import Cluster, lora_job
+from tests.fixtures_kube import Cluster, lora_job, s3_secret
+from tests.fixtures_preference import write_preferences, write_unpaired
 from tests.kubelet import Kubelet, wait_for
-from tests.test_dpo import write_preferences
-from tests.test_kto import write_unpaired
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dirs: dict) -> Path:
     return tiny_model_dirs["qwen2"]
-
-
-def s3_secret(cluster: Cluster, s3: Any) -> None:
-    data = {
-        k: base64.b64encode(s3.env[k].encode()).decode()
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    }
-    cluster.core.create_namespaced_secret("default", {"metadata": {"name": "s3-credentials"}, "data": data})
 
 
 def stage_job(name: str, model: Path, s3: Any, stage: str, data: Path) -> dict:

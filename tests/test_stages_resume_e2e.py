@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from kubetune_trainer import checkpoints as ck
+from tests.fixtures_preference import write_preferences
 from tests.fixtures_resilience import (
     Env,
     committed_steps,
@@ -28,7 +29,6 @@ from tests.fixtures_resilience import (
     wait_until,
     worker_pids,
 )
-from tests.test_dpo import write_preferences
 
 pytestmark = pytest.mark.slow
 
