@@ -207,7 +207,7 @@ def apply_pet(
         keep_4bit_layers_trainable(model)
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=spec.training.gradient_checkpointing,
+            use_gradient_checkpointing=bool(spec.training.gradient_checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     if adapter_dir is not None:
