@@ -12,6 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kubetune/ kubetune/
+COPY examples/ examples/
 COPY operator/ operator/
 COPY trainer_image/kubetune_trainer/ trainer_image/kubetune_trainer/
 # The project itself, from this checkout; its dependencies are bounded in pyproject.toml.

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import requests
 
+from kubetune.methods import METHOD_NAMES
 from tests.fixtures_kube import CRD, job_doc
 from tests.kube_api import RunningAPI
 
@@ -365,7 +366,8 @@ def test_unknown_fields_are_pruned_with_a_warning_or_refused_when_strict(http: H
     [
         ({"pet_config": {"lora_rank": 0}}, "spec.pet_config.lora_rank",
          "Invalid value: 0: spec.pet_config.lora_rank in body should be greater than or equal to 1"),
-        ({"method": "rlhf"}, "spec.method", 'Unsupported value: "rlhf": supported values: "sft", "dpo", "pretrain"'),
+        ({"method": "rlhf"}, "spec.method",
+         'Unsupported value: "rlhf": supported values: ' + ", ".join(f'"{m}"' for m in METHOD_NAMES)),
         ({"training": {"learning_rate": "fast"}}, "spec.training.learning_rate",
          'Invalid value: "string": spec.training.learning_rate in body must be of type number: "string"'),
         ({"output": {}}, "spec.output.uri", "Required value"),
