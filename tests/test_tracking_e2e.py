@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -103,6 +104,13 @@ def tracked_job(env: Env, name: str, mlflow_url: str) -> Path:
     return path
 
 
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
 def test_killed_and_resumed_job_is_one_run_in_mlflow_tensorboard_and_wandb(
     s3_server: Any, tiny_model: Path, mlflow_server: str, tmp_path: Path
 ) -> None:
@@ -123,10 +131,15 @@ def test_killed_and_resumed_job_is_one_run_in_mlflow_tensorboard_and_wandb(
         os.kill(pid, signal.SIGSTOP)  # frozen, its uploader too: what it logged and committed holds still
         killed_at, committed = logged_steps(local_tb)[-1], max(committed_steps(env, "kill"))
         if killed_at > committed:
-            os.kill(pid, signal.SIGKILL)  # the process that logs to every tracker dies mid-run
+            # the pod dies: its trainer mid-run and all it started (W&B's service process, which
+            # would outlive a plain kill on one machine and still hold the run id)
+            pod = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+            for proc in pod:
+                os.kill(proc, signal.SIGKILL)
             break
         os.kill(pid, signal.SIGCONT)  # a commit came first: try again further on
     assert wait(p) != 0
+    psutil.wait_procs([q for q in map(_process, pod) if q is not None], timeout=30)
     first_ids = json.loads(env.store("jobs/kill").get_bytes("tracking.json"))
     p2 = relaunch_until_done(env, config, nproc=1, delay=0)
     resumed = progress(env, "kill")["resumed_from"]
