@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,22 @@ def make_job(name: str, model_path: Path, data: Path, out: Path, **spec: Any) ->
         },
     }
     return FineTuneJob.model_validate(doc)
+
+
+def kubetune_run(job: FineTuneJob, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`kubetune run` of `job` in a fresh process (its own cache under tmp_path, one thread per rank)."""
+    import yaml
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json", exclude_none=True)))
+    env = {**os.environ, "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune", "run", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def write_unpaired(path: Path, n: int, seed: int = 0) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from transformers import TrainerCallback
 from kubetune_trainer.data_sources import DataError
 from tests.fixtures_preference import (
     changed,
+    kubetune_run,
     live_models,
     live_tensor_bytes,
     make_job,
@@ -325,10 +325,6 @@ def test_qlora_dpo_trains_on_the_quantized_base(
 def test_full_dpo_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
     """kubetune run: 2 torchrun processes (gloo) with strategy fsdp: the policy is sharded (FSDP2 on CPU)
     and the final export gathers it back into one full model."""
-    import subprocess
-    import sys
-
-    import yaml
 
     from kubetune_trainer.reporting import read_metrics
 
@@ -337,16 +333,7 @@ def test_full_dpo_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_p
         parallel_config={"strategy": "fsdp", "nproc_per_node": 2},
         training={"max_steps": 6, "learning_rate": 2e-4, "per_device_train_batch_size": 2},
     )  # fmt: skip
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(job.model_dump(mode="json", exclude_none=True)))
-    env = {**os.environ, "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(
-        [sys.executable, "-m", "kubetune", "run", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = kubetune_run(job, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "on 2 processes" in p.stderr and "a frozen copy of" in p.stderr
     assert "sharded over 2 processes (FSDP2 on cpu)" in p.stderr

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures_preference import make_job, write_preferences
+from tests.fixtures_preference import kubetune_run, make_job, write_preferences
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +195,7 @@ def test_qlora_reward_model_trains_on_the_quantized_base(
 def test_full_reward_model_with_fsdp_on_two_processes(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
     """kubetune run: 2 torchrun processes (gloo) with strategy fsdp: the classifier is sharded (FSDP2 on
     CPU) and the final export gathers it, score head included, into one full model."""
-    import os
-    import subprocess
-    import sys
 
-    import yaml
     from safetensors import safe_open
 
     from kubetune_trainer.reporting import read_metrics
@@ -209,16 +205,7 @@ def test_full_reward_model_with_fsdp_on_two_processes(model_dir: Path, prefs: Pa
         parallel_config={"strategy": "fsdp", "nproc_per_node": 2},
         training={"max_steps": 6, "learning_rate": 2e-4, "per_device_train_batch_size": 2, "seq_length": 128},
     )  # fmt: skip
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(job.model_dump(mode="json", exclude_none=True)))
-    env = {**os.environ, "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(
-        [sys.executable, "-m", "kubetune", "run", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = kubetune_run(job, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "sharded over 2 processes (FSDP2 on cpu)" in p.stderr
     logs = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
