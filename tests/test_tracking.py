@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,19 @@ def test_a_restarted_attempt_continues_the_recorded_runs(tmp_path: Path) -> None
     assert tracking_env(online, out, tmp_path / "work", {})["WANDB_DIR"] == str(tmp_path / "work")
 
 
+def test_a_trainer_starts_its_own_wandb_service_not_its_launchers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A W&B service inherited from the launching shell outlives a killed trainer and would still hold
+    the run id when the relaunch registers it again."""
+    from kubetune_trainer.tracking import apply_env, tracking_env
+
+    monkeypatch.setenv("WANDB_SERVICE", "3-4242-tcp-localhost-45678")  # a notebook's W&B service
+    job = FineTuneJob.model_validate(job_with(TRACKED, output={"uri": str(tmp_path / "out")}))
+    apply_env(tracking_env(job, tmp_path / "out", tmp_path / "work", {}))
+    assert "WANDB_SERVICE" not in os.environ and os.environ["WANDB_PROJECT"]
+
+
 def test_restart_starts_new_tracker_runs(tmp_path: Path) -> None:
     from kubetune.conventions import TRACKING_FILE
     from kubetune_trainer.rerun import supersede
@@ -212,7 +226,9 @@ def clean_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
     from kubetune_trainer.tracking import MANAGED_ENV
 
     for key in (*MANAGED_ENV, "WANDB_CONSOLE"):
-        monkeypatch.delenv(key, raising=False)
+        # recorded even when unset, so what the run sets (W&B sets WANDB_SERVICE) is undone after it
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
 
 
 def test_resumed_run_is_one_tensorboard_curve_and_one_wandb_run(
@@ -237,6 +253,7 @@ def test_resumed_run_is_one_tensorboard_curve_and_one_wandb_run(
     ids = json.loads((out / "tracking.json").read_text())
     second = run_training(job, workdir=work, resume_from=work / "checkpoints" / "checkpoint-4")
     wandb.finish()
+    wandb.teardown()  # this process's W&B service ends with the test
     assert second.completed and second.global_step == 10
 
     acc = EventAccumulator(str(out / "tensorboard"))

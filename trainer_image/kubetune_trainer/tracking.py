@@ -63,11 +63,13 @@ MLFLOW_FLUSH_SECONDS = (
 )
 
 # Every variable this module manages: set or removed at each start, so one run never inherits
-# another's (in-process runs, tests).
+# another's (in-process runs, tests). WANDB_SERVICE is always removed: a trainer inheriting it from
+# the shell that launched it (a notebook, a script using W&B) would register its run in that
+# process's W&B service, which outlives a killed trainer and refuses the relaunch ("run ID in use").
 MANAGED_ENV = (
     "TENSORBOARD_LOGGING_DIR",
     "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_MAX_LOG_PARAMS", "MLFLOW_TAGS",
-    "WANDB_PROJECT", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME",
+    "WANDB_PROJECT", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_SERVICE",
 )  # fmt: skip
 
 
