@@ -131,8 +131,7 @@ def test_killed_and_resumed_job_is_one_run_in_mlflow_tensorboard_and_wandb(
         os.kill(pid, signal.SIGSTOP)  # frozen, its uploader too: what it logged and committed holds still
         killed_at, committed = logged_steps(local_tb)[-1], max(committed_steps(env, "kill"))
         if killed_at > committed:
-            # the pod dies: its trainer mid-run and all it started (W&B's service process, which
-            # would outlive a plain kill on one machine and still hold the run id)
+            # the pod dies: its trainer mid-run and all it started (W&B's service process too)
             pod = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
             for proc in pod:
                 os.kill(proc, signal.SIGKILL)
