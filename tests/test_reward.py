@@ -134,6 +134,22 @@ def test_lora_reward_model_learns_the_preference_and_exports_its_score_head(
     assert torch.allclose(got, want, atol=1e-4), (got, want)
     assert (got[:8] > got[8:]).float().mean() >= 0.9
 
+    # kubetune export keeps the score head, from the job output (its adapter merged onto the base) and
+    # from final/merged; kubetune chat refuses a model that only scores
+    from kubetune_trainer.chat import open_chat
+    from kubetune_trainer.convert import export
+    from kubetune_trainer.errors import JobError
+
+    for i, source in enumerate((tmp_path / "out", merged)):
+        dest = export(str(source), str(tmp_path / f"exported-{i}"))
+        again = AutoModelForSequenceClassification.from_pretrained(dest)
+        assert type(again).__name__ == "Qwen2ForSequenceClassification" and again.config.num_labels == 1
+        assert torch.allclose(
+            scores(again, AutoTokenizer.from_pretrained(dest), chosen + rejected), want, atol=1e-4
+        )
+    with pytest.raises(JobError, match="reward model"):
+        open_chat(str(tmp_path / "out"))
+
 
 def test_freeze_reward_model_trains_its_new_score_head(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
     """With freeze only the chosen layers would train; the new, random score head trains with them."""

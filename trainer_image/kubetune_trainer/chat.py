@@ -101,9 +101,15 @@ def _Streamer(tokenizer: Any, stream: IO[str]) -> Any:  # noqa: N802 - reads as 
 def open_chat(target: str, *, base: str | None = None, s3: S3Storage | None = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, a description of what was loaded) for OUTPUT `target`."""
     from kubetune_trainer.chat_render import training_chat_template
-    from kubetune_trainer.convert import load_model, load_tokenizer_for, locate, resolve_dtype
+    from kubetune_trainer.convert import head_of, load_model, load_tokenizer_for, locate, resolve_dtype
+    from kubetune_trainer.recipes.base import CAUSAL_LM
 
     source = locate(target, s3=s3, prefer="merged")
+    if head_of(source) != CAUSAL_LM:
+        raise JobError(
+            f"{target}: a reward model (a sequence classifier) scores replies and does not write them; "
+            "chat with a generative job's output"
+        )
     model, base_dir = load_model(source, base=base, s3=s3, dtype=resolve_dtype("auto", source, None))
     tok = load_tokenizer_for(source, base_dir)
     if not getattr(tok, "chat_template", None):  # what training rendered with when the job did not say

@@ -18,7 +18,8 @@ manifest):
   committed checkpoint (``checkpoints/``).
 
 DEST gets safetensors in Hugging Face layout plus the tokenizer (with the chat template the job
-trained with, when the checkpoint records it), loadable by ``AutoModelForCausalLM.from_pretrained``;
+trained with, when the checkpoint records it), loadable by ``AutoModelForCausalLM.from_pretrained``
+(a reward model's by ``AutoModelForSequenceClassification``, its score head kept: :func:`head_of`);
 ``--adapter`` writes a LoRA source's adapter alone instead. DEST may be s3://.
 """
 
@@ -36,6 +37,7 @@ from kubetune import methods
 from kubetune.conventions import ADAPTER_DIR, CHECKPOINTS_DIR, COMMITTED_FILE, MERGED_DIR
 from kubetune.uris import parse_uri
 from kubetune_trainer.errors import JobError
+from kubetune_trainer.recipes.base import CAUSAL_LM, ModelHead
 
 if TYPE_CHECKING:
     from kubetune.spec import FineTuneJobSpec, S3Storage
@@ -320,6 +322,34 @@ def load_tokenizer_for(source: Source, base_dir: Path | None) -> Any:
     return tok
 
 
+def head_of(source: Source) -> ModelHead:
+    """What the source loads as: the head of the method that trained it (a reward model's sequence
+    classifier, its score head kept), else what its files say (the adapter's peft task type, the
+    model's architecture), else a causal LM."""
+    from kubetune_trainer import recipes
+
+    spec = source.spec()
+    if spec is not None:
+        return recipes.get(spec.method).head
+    heads = [r.head for r in recipes.registry().values()]
+    if source.has_adapter:
+        task = _read_json(source.path / "adapter_config.json").get("task_type")
+        return next((h for h in heads if h.peft_task_type == task), CAUSAL_LM)
+    architectures = _read_json(source.path / "config.json").get("architectures") or []
+    return next(
+        (h for h in heads if any(a.endswith(h.auto_class.removeprefix("AutoModel")) for a in architectures)),
+        CAUSAL_LM,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def _pet_plan(source: Source, dtype: Any) -> Any:
     """What merging needs of the job's pet plan: the quantization a QLoRA job trained against."""
     from kubetune_trainer.pet import PetPlan, plan_pet
@@ -356,33 +386,36 @@ def load_model(
     source: Source, *, base: str | None, s3: S3Storage | None, dtype: Any
 ) -> tuple[Any, Path | None]:
     """The source as a ready transformers model (LoRA merged) and the base directory it used, if any."""
-    from transformers import AutoModelForCausalLM
-
     from kubetune_trainer.export import merge_onto_base
 
+    head = head_of(source)
     if source.kind == "model" or (source.kind == "checkpoint" and (source.path / "config.json").is_file()
                                   and not source.has_adapter and not source.is_fsdp):  # fmt: skip
-        return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, use_safetensors=True), None
+        model = head.model_class().from_pretrained(source.path, dtype=dtype, use_safetensors=True)
+        return model, None
     base_dir = base_model_dir(source, base, s3)
     if source.is_fsdp:
-        return _load_fsdp(source, base_dir, dtype), base_dir
+        return _load_fsdp(source, base_dir, dtype, head), base_dir
     if not source.has_adapter:
         raise JobError(f"{source.uri}: a checkpoint with neither model weights, an adapter nor FSDP shards")
-    model = merge_onto_base(base_dir, source.path, _pet_plan(source, dtype), _precision(dtype))
+    model = merge_onto_base(base_dir, source.path, _pet_plan(source, dtype), _precision(dtype), head=head)
     return model, base_dir
 
 
-def _load_fsdp(source: Source, base_dir: Path, dtype: Any) -> Any:
+def _load_fsdp(source: Source, base_dir: Path, dtype: Any, head: ModelHead) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
 
     state = _fsdp_state_dict(source)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
+    model = head.model_class().from_pretrained(
+        base_dir, **head.init_kwargs, dtype=torch.float32, use_safetensors=True
+    )
     spec = source.spec()
     if spec is not None and spec.pet_config.pet_type in ("lora", "qlora"):
         from kubetune_trainer.pet import PetPlan, apply_pet
 
-        model = apply_pet(model, spec, PetPlan("lora", "lora"))  # the same adapters, on the full base
+        model = apply_pet(
+            model, spec, PetPlan("lora", "lora"), head=head
+        )  # the same adapters, on the full base
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights (lm_head = embed_tokens) are saved once
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
@@ -450,11 +483,14 @@ def _write_model(
     torch_dtype = resolve_dtype(dtype, source, base_dir)
     model, base_dir = load_model(source, base=base, s3=s3, dtype=torch_dtype)
     model.config.use_cache = True
+    tokenizer = load_tokenizer_for(source, base_dir)
+    if model.config.pad_token_id is None and head_of(source) != CAUSAL_LM:
+        model.config.pad_token_id = tokenizer.pad_token_id  # a classifier scores the last non-pad token
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out, **kwargs)
-    load_tokenizer_for(source, base_dir).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     log.info("exported %s to %s", source.uri, out)
 
 
@@ -482,4 +518,13 @@ def _write_adapter(source: Source, base: str | None, s3: S3Storage | None, out: 
     load_tokenizer_for(source, _maybe_base(source, base, s3)).save_pretrained(out)
 
 
-__all__ = ["DTYPES", "Source", "export", "load_model", "load_tokenizer_for", "locate", "spec_from_recorded"]
+__all__ = [
+    "DTYPES",
+    "Source",
+    "export",
+    "head_of",
+    "load_model",
+    "load_tokenizer_for",
+    "locate",
+    "spec_from_recorded",
+]
