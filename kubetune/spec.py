@@ -1208,6 +1208,7 @@ EVALUATED_FAILED = "ThresholdFailed"  # False: the message names the thresholds 
 EVALUATED_ERROR = "EvaluationError"  # False: the evaluation could not run (e.g. unreadable evaluation data)
 EVALUATED_MISSING = "ResultsMissing"  # False: the output has no eval/results.json
 EVALUATED_UNAVAILABLE = "ResultsUnavailable"  # Unknown: the operator cannot read the output (pvc://, errors)
+EVALUATION_RETRY_SECONDS = 300  # a store error when the results are read: read again for this long
 
 
 class EvaluationStatus(BaseModel):
@@ -1223,6 +1224,10 @@ class EvaluationStatus(BaseModel):
     )
     num_samples: int | None = Field(None, description="Samples evaluated.")
     results: str | None = Field(None, description="URI of eval/results.json.")
+    retry_until: str | None = Field(
+        None,
+        description="The results could not be read (a store error): the operator reads again until then.",
+    )
 
 
 Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]

@@ -21,6 +21,7 @@ from kubetune.spec import (
     EVALUATED_NO_THRESHOLDS,
     EVALUATED_PASSED,
     EVALUATED_UNAVAILABLE,
+    EVALUATION_RETRY_SECONDS,
     FineTuneJobSpec,
 )
 from kubetune_operator import state
@@ -114,6 +115,51 @@ def test_the_condition_stays_on_the_finished_job_and_its_event_is_posted_once() 
     assert _evaluated(later) == _evaluated(first)  # lastTransitionTime included
     again = _finish(state.EvaluationRead(_results(35.0, 80.0), URI), status=first.status)
     assert not [ev for ev in again.events if ev.reason == EVALUATED_FAILED]
+
+
+def test_a_store_error_reading_the_results_is_tried_again_then_settles() -> None:
+    """An S3 blip when rank 0 exits does not leave a promotion gate Unknown for good: the job Succeeds,
+    Evaluated stays Unknown while the operator reads again, and flips once the read works."""
+    blip = state.EvaluationRead(None, URI, readable=False, error="Connect timeout on endpoint URL")
+    first = _finish(blip)
+    assert first.status["phase"] == "Succeeded"
+    c = _evaluated(first)
+    assert (c["status"], c["reason"]) == ("Unknown", EVALUATED_UNAVAILABLE) and "Connect timeout" in c[
+        "message"
+    ]
+    until = first.status["evaluation"]["retry_until"]
+    assert state.parse_time(until) == NOW + dt.timedelta(seconds=EVALUATION_RETRY_SECONDS)
+    assert state.rereads_evaluation(first.status)
+    assert state.needs_watching(
+        first.status, {}, NOW + dt.timedelta(hours=1)
+    )  # however long the loop was away
+
+    later = NOW + dt.timedelta(seconds=30)
+    again = state.decide(state.Observed(_spec(), first.status, 1, (), later, None, evaluation=blip))
+    assert again.status["evaluation"]["retry_until"] == until and not again.events  # the window does not move
+    read = state.EvaluationRead(_results(35.0, 12.0), URI)
+    settled = state.decide(state.Observed(_spec(), again.status, 1, (), later, None, evaluation=read))
+    assert _evaluated(settled)["status"] == "True" and "retry_until" not in settled.status["evaluation"]
+    assert not state.rereads_evaluation(settled.status)
+    assert [ev.reason for ev in settled.events] == [EVALUATED_PASSED]
+
+    # past the window, the last read settles it: Unknown, and no more reads
+    late = NOW + dt.timedelta(seconds=EVALUATION_RETRY_SECONDS + 1)
+    given_up = state.decide(state.Observed(_spec(), first.status, 1, (), late, None, evaluation=blip))
+    assert _evaluated(given_up)["status"] == "Unknown" and not state.rereads_evaluation(given_up.status)
+    assert "Connect timeout" in given_up.status["evaluation"]["message"]
+
+
+def test_an_unreachable_store_is_a_read_error_to_try_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune_operator import handlers
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "operator")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    doc = _spec().model_dump(mode="json", exclude_none=True)
+    doc["storage"] = {"s3": {"endpoint": f"http://127.0.0.1:{free_port()}"}}  # nothing listens there
+    read = handlers.read_evaluation(FineTuneJobSpec.model_validate(doc))
+    assert not read.readable and read.error and "cannot reach the store" in read.error
+    assert state.evaluation_status(read, NOW)["retry_until"] == state.iso(NOW)
 
 
 def test_a_job_without_evaluation_has_no_evaluated_condition() -> None:

@@ -111,6 +111,18 @@ def test_status_patch_sets_changes_and_removes_what_is_gone() -> None:
     assert handlers.status_patch(new, new) == {}
 
 
+def test_status_patch_removes_a_key_gone_from_a_nested_object() -> None:
+    """A merge patch merges objects: a key the new status drops from one must be sent as null, or it
+    stays on the server (an evaluation's retry_until once the results were read)."""
+    from tests.kube_api import merge_patch
+
+    old = {"phase": "Succeeded", "evaluation": {"reason": "ResultsUnavailable", "retry_until": "t"}}
+    new = {"phase": "Succeeded", "evaluation": {"reason": "ThresholdsPassed", "passed": True}}
+    patch = handlers.status_patch(old, new)
+    assert patch == {"evaluation": {"reason": "ThresholdsPassed", "passed": True, "retry_until": None}}
+    assert merge_patch(old, patch) == new
+
+
 def test_a_stale_read_is_refused_and_decided_again(cluster: Cluster, tmp_path: Path) -> None:
     cluster.create_job(job_doc("stale", tmp_path))
     job = cluster.job("stale")

@@ -241,7 +241,10 @@ def read_evaluation(spec: FineTuneJobSpec) -> state.EvaluationRead:
         return state.EvaluationRead(json.loads(store.get_bytes(EVAL_RESULTS_FILE)), uri)
     except ObjectNotFound:
         return state.EvaluationRead(None, uri)
-    except (StoreError, ValueError, OSError, ImportError) as e:
+    except (StoreError, OSError) as e:  # the store failed: the read is tried again
+        log.warning("cannot read %s: %s", uri, e)
+        return state.EvaluationRead(None, uri, readable=False, error=str(e).splitlines()[0][:300])
+    except (ValueError, ImportError) as e:  # ImportError: no boto3 in this image
         log.warning("cannot read %s: %s", uri, e)
         return state.EvaluationRead(None, uri, readable=False)
 
@@ -284,9 +287,21 @@ def _job_lock(namespace: str, name: str) -> Iterator[None]:
 
 
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A merge patch turning status `old` into `new` (top-level keys; null removes)."""
-    patch = {k: v for k, v in new.items() if old.get(k) != v}
-    patch.update({k: None for k in old if k not in new and k != "kopf"})
+    """A merge patch (RFC 7386) turning status `old` into `new`: null removes a key, nested objects
+    too (a merge patch merges them, so a key left out would stay); kopf's own key is left alone."""
+    patch = _merge_diff(old, new)
+    if "kopf" not in new:
+        patch.pop("kopf", None)
+    return patch
+
+
+def _merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    patch = {
+        k: _merge_diff(old[k], v) if isinstance(v, dict) and isinstance(old.get(k), dict) else v
+        for k, v in new.items()
+        if old.get(k) != v
+    }
+    patch.update({k: None for k in old if k not in new})
     return patch
 
 
@@ -383,6 +398,8 @@ def _reconcile_once(kube: Kube, job: dict) -> state.Decision:
         progress = read_progress(spec)
         committed = output_committed(spec, progress)
         evaluation = read_evaluation(spec) if spec.evaluation is not None else None
+    elif spec.evaluation is not None and state.rereads_evaluation(status):
+        evaluation = read_evaluation(spec)
     decision = state.decide(
         state.Observed(
             spec=spec, status=status, generation=int(meta.get("generation") or 1), pods=observed,

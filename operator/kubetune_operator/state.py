@@ -71,6 +71,7 @@ from kubetune.spec import (
     EVALUATED_NO_THRESHOLDS,
     EVALUATED_PASSED,
     EVALUATED_UNAVAILABLE,
+    EVALUATION_RETRY_SECONDS,
     FineTuneJobSpec,
     Progress,
     Reason,
@@ -203,6 +204,7 @@ class EvaluationRead:
     doc: dict[str, Any] | None  # the parsed file; None when it is not there
     uri: str  # where it was looked for
     readable: bool = True  # False: the operator cannot read the output (pvc://, store errors)
+    error: str | None = None  # a store error (it may pass: the read is tried again)
 
 
 # ---------------------------------------------------------------- what to do
@@ -418,7 +420,7 @@ def decide(o: Observed) -> Decision:
     """What to do next for one job (see the module docstring)."""
     events = []
     if o.evaluation is not None:
-        evaluation = evaluation_status(o.evaluation)
+        evaluation = evaluation_status(o.evaluation, _evaluation_retry_until(o))
         if evaluation != (o.status or {}).get("evaluation"):
             kind = "Normal" if evaluation.get("passed") else "Warning"
             events.append(Event(kind, evaluation["reason"], evaluation["message"]))
@@ -453,13 +455,29 @@ def profile_violation(status: dict[str, Any], generation: int, now: dt.datetime,
     return d
 
 
+def _evaluation_retry_until(o: Observed) -> dt.datetime | None:
+    """Until when a store error reading the results is tried again: EVALUATION_RETRY_SECONDS from the
+    first failed read; None once that has passed."""
+    before = ((o.status or {}).get("evaluation") or {}).get("retry_until")
+    until = parse_time(before) if before else o.now + dt.timedelta(seconds=EVALUATION_RETRY_SECONDS)
+    return until if until is not None and o.now < until else None
+
+
+def rereads_evaluation(status: dict[str, Any]) -> bool:
+    """Whether a Succeeded job's results are read again: the last read hit a store error (once its
+    retry window has passed, one last read settles the condition)."""
+    return status.get("phase") == SUCCEEDED and bool(
+        ((status or {}).get("evaluation") or {}).get("retry_until")
+    )
+
+
 def needs_watching(status: dict[str, Any], spec: dict[str, Any], now: dt.datetime) -> bool:
     """Whether the periodic loop should reconcile this job: active, or finished with work left
-    (ranks still running after success, a ttl to honour)."""
+    (ranks still running after success, a ttl to honour, results to read again)."""
     phase = status.get("phase")
     if phase not in TERMINAL:
         return True
-    if spec.get("ttl_seconds_after_finished") is not None:
+    if spec.get("ttl_seconds_after_finished") is not None or rereads_evaluation(status):
         return True
     done = parse_time(status.get("completion_time"))
     return done is not None and _since(now, done) < SUCCESS_GRACE_SECONDS + 300
@@ -796,12 +814,17 @@ def progress_status(doc: TrainerProgress | None) -> dict[str, Any]:
     return out
 
 
-def evaluation_status(read: EvaluationRead) -> dict[str, Any]:
+def evaluation_status(read: EvaluationRead, retry_until: dt.datetime | None = None) -> dict[str, Any]:
     """status.evaluation from eval/results.json: the scores, passed, and the Evaluated condition's reason
-    and message (the thresholds not met, or why there are no results)."""
+    and message (the thresholds not met, or why there are no results). A store error before
+    `retry_until` leaves the condition Unknown and the read to be tried again."""
     if not read.readable:  # no `passed`: the condition is Unknown
+        if read.error and retry_until is not None:
+            return {"reason": EVALUATED_UNAVAILABLE, "results": read.uri, "retry_until": iso(retry_until),
+                    "message": f"cannot read {read.uri} ({read.error}); trying again until {iso(retry_until)}"}  # fmt: skip
+        why = f" ({read.error})" if read.error else " from here"
         return {"reason": EVALUATED_UNAVAILABLE, "results": read.uri,
-                "message": f"cannot read {read.uri} from here; see kubetune eval"}  # fmt: skip
+                "message": f"cannot read {read.uri}{why}; see kubetune eval"}  # fmt: skip
     if read.doc is None:
         return {"passed": False, "reason": EVALUATED_MISSING, "results": read.uri,
                 "message": f"{read.uri} was not written"}  # fmt: skip
