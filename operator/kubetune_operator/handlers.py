@@ -449,7 +449,7 @@ def refresh_progress(kube: Kube, namespace: str, name: str) -> None:
         if step is not None and step != (status.get("progress") or {}).get("step"):
             # what restart_policy.progress_timeout_seconds measures from
             fields["progress_advanced_at"] = state.iso(dt.datetime.now(dt.timezone.utc))
-        patch = {k: v for k, v in fields.items() if status.get(k) != v}
+        patch = _merge_diff({k: status[k] for k in fields if k in status}, fields)
         if patch:
             kube.patch_status(namespace, name, patch, None)
 
