@@ -260,3 +260,19 @@ spec:
         )
         assert f"{method}: " in lines[0] and "use ddp" in lines[0], lines
         assert load_jobs_text(doc.replace("strategy: fsdp", "strategy: ddp"), "job.yaml")
+
+
+def test_qlora_kto_trains_on_the_quantized_base(model_dir: Path, unpaired: Path, tmp_path: Path) -> None:
+    """QLoRA 4-bit: the policy adapter and TRL's reference adapter share one quantized base."""
+    from kubetune_trainer.train import run_training
+
+    job = kto_job(
+        "qlora", model_dir, unpaired, tmp_path / "out", dataset={"format": "unpaired_preference"},
+        pet_config={"pet_type": "qlora", "lora_dropout": 0.0, "quantization": {"bits": 4, "quant_type": "nf4"}},
+        training={"max_steps": 8, "per_device_train_batch_size": 8},
+    )  # fmt: skip
+    result = run_training(job, workdir=tmp_path / "work")
+    logs = kto_logs(result)
+    assert result.completed and len(logs) == 8
+    assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] + 0.3, logs
+    assert (result.exported["adapter"] / "adapter_model.safetensors").is_file()

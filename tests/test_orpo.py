@@ -99,3 +99,21 @@ def test_pairs_whose_prompt_fills_seq_length_are_left_out(tokenizer: Any, tmp_pa
     prefs.write_text(json.dumps(long) + "\n")
     with pytest.raises(DataError, match=r"every prompt fills training.seq_length \(64 tokens\)"):
         recipes.get("orpo").build_data(job, tokenizer, seed=0)
+
+
+def test_qlora_orpo_trains_on_the_quantized_base(model_dir: Path, tmp_path: Path) -> None:
+    from kubetune_trainer.train import run_training
+
+    prefs = write_preferences(tmp_path / "prefs.jsonl", 48)
+    job = make_job(
+        "qlora", model_dir, prefs, tmp_path / "out", method="orpo",
+        pet_config={"pet_type": "qlora", "lora_dropout": 0.0, "quantization": {"bits": 4, "quant_type": "nf4"}},
+        training={"max_steps": 8, "orpo_beta": 0.5},
+    )  # fmt: skip
+    result = run_training(job, workdir=tmp_path / "work")
+    logs = orpo_logs(result)
+    assert result.completed and len(logs) == 8
+    assert logs[-1]["loss"] < logs[0]["loss"] and logs[-1]["rewards/margins"] > logs[0]["rewards/margins"], (
+        logs
+    )
+    assert (result.exported["adapter"] / "adapter_model.safetensors").is_file()
