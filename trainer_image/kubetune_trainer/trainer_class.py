@@ -6,7 +6,10 @@
 - ``training.group_by_length``: transformers' length-grouped sampler shuffles with the global RNG,
   whose state at an epoch's start differs between an uninterrupted and a resumed run (and between
   ranks once dropout has drawn from it); it gets a generator of its own, seeded with data_seed +
-  epoch as accelerate seeds the random sampler, so every restart and every rank sees the same order.
+  epoch as accelerate seeds the random sampler, so every restart and every rank sees the same order;
+- pair batches without ``input_ids`` (TRL's CPO and ORPO trainers keep ``chosen_*`` and ``rejected_*``
+  apart): the tokens seen are both sides' attention masks, as DPO's concatenated batch counts them;
+  the Trainer would warn at every step and count none (no tokens/s in progress.json or the trackers).
 """
 
 from __future__ import annotations
@@ -55,6 +58,22 @@ def kubetune_trainer(base: T) -> T:
                 seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
                 sampler = epoch_seeded(sampler, seed)
             return sampler
+
+        def _track_num_input_tokens(self, inputs: Any) -> None:
+            import torch
+
+            masks = [inputs.get(f"{side}_attention_mask") for side in ("chosen", "rejected")]
+            if (
+                getattr(self.model, "main_input_name", "input_ids") in inputs
+                or self.args.include_num_input_tokens_seen == "no"
+                or any(m is None for m in masks)
+            ):
+                return super()._track_num_input_tokens(inputs)
+            tokens = sum(m.sum() if self.args.include_num_input_tokens_seen == "non_padding" else m.numel()
+                         for m in masks)  # fmt: skip
+            tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+            return None
 
         def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
             if 0 < self.state.max_steps <= self.state.global_step:
