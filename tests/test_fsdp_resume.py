@@ -249,3 +249,56 @@ def test_fsdp_checkpoint_of_two_ranks_resumes_on_three(fsdp_ref, s3_server, tmp_
     assert last.step == 6 and last.manifest.world_size == 3
     assert {f"{MODEL_DIR}/__{r}_0.distcp" for r in range(3)} <= set(last.manifest.files)
     assert sorted(losses(env, "fsdp-reshard")) == list(range(1, 7))
+
+
+# logged with every loss by the preference methods below, and equal after the resume
+PAIR_METRICS = {"reward": ["accuracy", "margin"], "simpo": ["rewards/margins", "rewards/accuracies"]}
+
+
+@pytest.mark.parametrize("method", sorted(PAIR_METRICS))
+def test_fsdp_preference_methods_resume_exactly_after_kill_9(method, s3_server, fsdp_model, tmp_path):
+    """A reward model (its new score head in the shards) and SimPO (no reference model), trained in
+    full under FSDP: rank 1 killed after a commit, the relaunch continues the uninterrupted run."""
+    import torch
+
+    from tests.fixtures_preference import write_preferences
+
+    prefs = write_preferences(tmp_path / "prefs.jsonl", 32)
+
+    def job(env: Env, name: str) -> Path:
+        path = fsdp_job(env, name)
+        doc = yaml.safe_load(path.read_text())
+        doc["spec"]["method"] = method
+        doc["spec"]["dataset"] = {"uri": str(prefs)}
+        doc["spec"]["training"].update(max_steps=6, seq_length=64)
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    def logged(env: Env, name: str) -> dict[int, dict[str, float]]:
+        store, last = latest(env, name)
+        history = json.loads(store.get_bytes(f"{last.name}/trainer_state.json"))["log_history"]
+        return {h["step"]: h for h in history if "loss" in h}
+
+    (tmp_path / "ref").mkdir(), (tmp_path / "kill").mkdir()
+    ref = Env(s3_server, s3_server.new_bucket(), tmp_path / "ref", fsdp_model)
+    relaunch_until_done(ref, job(ref, "ref"), delay=0)
+    env = Env(s3_server, ref.bucket, tmp_path / "kill", fsdp_model)
+    config = job(env, "kill")
+    p = env.launch(config, delay=1.0)
+    wait_until(lambda: any(s >= 2 for s in committed_steps(env, "kill")), 120, "checkpoint step 2", (p,))
+    pids = wait_until(lambda: worker_pids(p).get(1) and worker_pids(p), 10, "rank 1's pid")
+    os.kill(pids[1], signal.SIGKILL)
+    assert wait(p) not in (0, EXIT_PREEMPTED), tail(p)
+    p2 = relaunch_until_done(env, config)
+    resumed = progress(env, "kill")["resumed_from"]
+    assert resumed is not None and 2 <= resumed["step"] < 6, tail(p2)
+
+    got, want = logged(env, "kill"), logged(ref, "ref")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for s in range(resumed["step"] + 1, 7):
+        for key in ["loss", *PAIR_METRICS[method]]:
+            assert got[s][key] == pytest.approx(want[s][key], rel=REL_TOL, abs=1e-6), (s, key)
+    a, b = final_weights(env, "kill"), final_weights(ref, "ref")
+    assert a.keys() == b.keys() and ("score.weight" in a) == (method == "reward")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=REL_TOL, atol=1e-6), k
