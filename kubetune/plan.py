@@ -21,6 +21,11 @@ input (``b * s * h * d``) and one layer at a time is recomputed in backward::
 
     checkpointed = b * s * h * L * d + b * s * (h * F * d + h * 4 * 4 + O * d) + logits
 
+``gradient_checkpointing: offload`` (GPUs) moves those layer inputs to pinned host memory as they
+are saved and brings one back per layer in backward, so the GPU keeps about two of them::
+
+    offloaded = 2 * b * s * h * d + b * s * (h * F * d + h * 4 * 4 + O * d) + logits
+
 The figures are fitted on transformers' Qwen2/Llama layers (SDPA attention) on CPU and hold within
 25% of the measured peak of live activation tensors there (tests/test_plan.py); flash
 attention on GPUs keeps a little less, a fused cross-entropy (Liger) far less logits.
@@ -109,6 +114,7 @@ class Setup:
     strategy: str  # ddp | fsdp
     method: str = "sft"
     device: str = "cuda"
+    offload: bool = False  # gradient_checkpointing: offload (the layer inputs in host memory)
 
     @property
     def world(self) -> int:
@@ -116,16 +122,22 @@ class Setup:
 
 
 def activation_bytes(
-    shape: ModelShape, batch: int, seq_length: int, compute_bytes: int, checkpointing: bool
+    shape: ModelShape,
+    batch: int,
+    seq_length: int,
+    compute_bytes: int,
+    checkpointing: bool,
+    offload: bool = False,
 ) -> int:
-    """The activation formula of the module docstring."""
+    """The activation formula of the module docstring (on the device; `offload` under checkpointing)."""
     tokens = batch * seq_length
     h, L = shape.hidden, shape.layers
     factor = 10 + 3 * shape.intermediate / h
     layer = tokens * (h * (factor * compute_bytes + 4 * 4) + shape.lora_out_features * compute_bytes)
     logits = tokens * shape.vocab * 4 * 2
     if checkpointing:
-        return int(tokens * h * L * compute_bytes + layer + logits)
+        kept = min(2, L) if offload else L  # layer inputs on the device
+        return int(tokens * h * kept * compute_bytes + layer + logits)
     return int(L * layer + logits)
 
 
@@ -145,19 +157,26 @@ def estimate(m: Measured, s: Setup) -> Estimate:
     fsdp = s.strategy == "fsdp" and world > 1
     w = world if fsdp else 1
     batch = s.batch * (2 if methods.method(s.method).preference else 1)  # chosen and rejected in one forward
+    offloaded = s.gradient_checkpointing and s.offload
     terms = {
         "weights": sharded_bytes(m.weights, w),
         "adapter": sharded_bytes(m.adapter, w),
         "gradients": sharded_bytes(m.gradients, w),
         "optimizer": sharded_bytes(m.optimizer, w),
         "activations": activation_bytes(
-            m.shape, batch, s.seq_length, m.compute_bytes, s.gradient_checkpointing
+            m.shape, batch, s.seq_length, m.compute_bytes, s.gradient_checkpointing, offloaded
         ),
     }
     notes = {k: v + (f", sharded over {world}" if fsdp and k in terms else "") for k, v in m.notes.items()}
     notes |= {
         "activations": f"batch {s.batch}{' x 2 (chosen, rejected)' if methods.method(s.method).preference else ''} x "
-        f"{s.seq_length} tokens, {'with' if s.gradient_checkpointing else 'no'} gradient checkpointing",
+        f"{s.seq_length} tokens, {'with' if s.gradient_checkpointing else 'no'} gradient checkpointing"
+        + (
+            f", layer inputs offloaded ({show(batch * s.seq_length * m.shape.hidden * m.shape.layers * m.compute_bytes)}"
+            " of host memory)"
+            if offloaded
+            else ""
+        ),
     }
     if m.autocast_copies:
         terms["autocast copies"] = m.autocast_copies // w
@@ -277,6 +296,8 @@ def suggestions(
             break
     if not s.gradient_checkpointing:
         add("gradient_checkpointing: true", m, replace(s, gradient_checkpointing=True))
+    if s.device == "cuda" and not (s.gradient_checkpointing and s.offload):
+        add("gradient_checkpointing: offload", m, replace(s, gradient_checkpointing=True, offload=True))
     for change, mm in (alternatives or {}).items():
         add(change, mm, s)
     if s.strategy != "fsdp" and s.world > 1:

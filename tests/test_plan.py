@@ -343,16 +343,46 @@ def test_activations_scale_with_batch_and_checkpointing_keeps_one_layer() -> Non
     assert dpo.terms["activations"] == 2 * one
 
 
+def test_offloaded_checkpointing_keeps_two_layer_inputs_on_the_gpu_and_says_what_goes_to_the_host() -> None:
+    shape = core.ModelShape(hidden=1024, layers=20, intermediate=4096, vocab=32000)
+    logits = 1024 * 32000 * 4 * 2
+    layer = 1024 * (1024 * (10 + 3 * 4) * 2 + 1024 * 16)
+    assert (
+        core.activation_bytes(shape, 1, 1024, 2, True, offload=True) == 1024 * 1024 * 2 * 2 + layer + logits
+    )
+    m = _measured()
+    plain = core.estimate(m, _setup(gradient_checkpointing=True))
+    off = core.estimate(m, _setup(gradient_checkpointing=True, offload=True))
+    hidden, layers, d = m.shape.hidden, m.shape.layers, m.compute_bytes
+    inputs = 8 * 2048 * hidden * d  # one layer's input at batch 8, seq 2048
+    assert plain.terms["activations"] - off.terms["activations"] == (layers - 2) * inputs
+    assert f"layer inputs offloaded ({core.show(layers * inputs)} of host memory)" in off.notes["activations"]
+    # a job already offloading is not told to; a CPU job (nothing to offload to) neither
+    told = lambda s: [x.change for x in core.suggestions(m, s, 1) if "offload" in x.change]  # noqa: E731
+    assert told(_setup()) == ["gradient_checkpointing: offload"]
+    assert told(_setup(gradient_checkpointing=True, offload=True)) == told(_setup(device="cpu")) == []
+
+    from kubetune.spec import FineTuneJobSpec
+    from kubetune_trainer.plan import setup_of
+
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"uri": "s3://models/tiny"}, "dataset": {"uri": "s3://data/a.json"}, "output": {"uri": "s3://runs/j"},
+        "training": {"gradient_checkpointing": "offload"},
+    })  # fmt: skip
+    planned = setup_of(spec, "cuda")
+    assert planned.gradient_checkpointing and planned.offload
+
+
 def test_suggestions_each_make_it_fit_or_say_they_do_not() -> None:
     m, s = _measured(), _setup()
     total = core.estimate(m, s).total
     budget = total - 1
     lines = core.suggestions(m, s, budget)
-    changes = {x.change.split(":")[0]: x for x in lines}
-    batch = changes["per_device_train_batch_size"]
+    changes = {x.change.split(",")[0]: x for x in lines}
+    batch = changes["per_device_train_batch_size: 7"]
     assert batch.fits and "per_device_train_batch_size: 7, gradient_accumulation_steps: 2" == batch.change
-    assert changes["gradient_checkpointing"].fits
-    nodes = changes["strategy"]
+    assert changes["gradient_checkpointing: true"].fits and changes["gradient_checkpointing: offload"].fits
+    nodes = changes["strategy: fsdp"]
     assert nodes.change == "strategy: fsdp, nnodes: 2 (2 processes)" and nodes.fits
     lighter = replace_measured(m, weights=[(1000, 1_000_000)])
     with_alt = core.suggestions(m, s, budget, alternatives={"pet_type: qlora (4-bit nf4, rank 8)": lighter})

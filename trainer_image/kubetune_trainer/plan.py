@@ -390,6 +390,7 @@ def setup_of(spec: FineTuneJobSpec, device: str) -> core.Setup:
         accumulation=t.gradient_accumulation_steps,
         seq_length=t.seq_length,
         gradient_checkpointing=bool(t.gradient_checkpointing),
+        offload=t.gradient_checkpointing == "offload",
         nnodes=pc.nnodes,
         nproc_per_node=nproc,
         strategy=pc.strategy,
