@@ -1,5 +1,6 @@
 """The Evaluated condition: the operator copies <output>/eval/results.json into status.evaluation and
-gates on its thresholds. The state machine's part table by table, then two jobs end to end on the API
+gates on its thresholds. The state machine's part table by table, the reconcile loop through an S3
+outage, then two jobs end to end on the API
 emulator with the real trainer (LoRA on a tiny model, outputs in S3): one passes its thresholds, one
 does not, and `kubectl wait --for=condition=Evaluated` tells them apart."""
 
@@ -160,6 +161,58 @@ def test_an_unreachable_store_is_a_read_error_to_try_again(monkeypatch: pytest.M
     read = handlers.read_evaluation(FineTuneJobSpec.model_validate(doc))
     assert not read.readable and read.error and "cannot reach the store" in read.error
     assert state.evaluation_status(read, NOW)["retry_until"] == state.iso(NOW)
+
+
+def test_an_s3_outage_when_rank_0_exits_is_read_through_once_it_is_back(
+    cluster: Cluster, s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconcile loop on the API emulator, the output in SeaweedFS: S3 is down at the pass that
+    sees rank 0 exit 0. The job Succeeds with Evaluated Unknown; the next pass, S3 back, reads the
+    results, and the server's status.evaluation holds no retry_until any more."""
+    from kubetune_operator import handlers
+    from tests.fixtures_kube import job_doc
+
+    for key, value in s3.env.items():  # the operator's own identity
+        monkeypatch.setenv(key, value)
+    storage = {"s3": s3.settings.model_dump(mode="json", exclude_none=True)}
+    doc = job_doc("blip", tmp_path, nnodes=1, storage=storage,
+                  evaluation={"dataset": "s3://data/eval.json", "thresholds": {"bleu_4": 20, "perplexity": 50}})  # fmt: skip
+    doc["spec"]["output"] = {"uri": s3.uri("jobs/blip")}
+    out = s3.store("jobs/blip")
+    out.put_bytes("final/merged/config.json", b"{}")
+    out.put_bytes("eval/results.json", json.dumps(_results(35.0, 12.0)).encode())
+    kube = handlers.Kube(cluster.client)
+    cluster.create_job(doc)
+    for _ in range(3):
+        handlers.reconcile(kube, "default", "blip", trigger="test")
+    assert [p["metadata"]["name"] for p in cluster.pods("blip")] == ["blip-a1-r0"]
+    done = {"phase": "Succeeded", "containerStatuses": [
+        {"name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}  # fmt: skip
+    cluster.core.patch_namespaced_pod_status(
+        "blip-a1-r0", "default", {"status": done}, _preload_content=False
+    )
+
+    s3.pause()
+    try:
+        handlers.reconcile(kube, "default", "blip", trigger="test")
+    finally:
+        s3.resume()
+    status = cluster.status("blip")
+    evaluated = next(c for c in status["conditions"] if c["type"] == "Evaluated")
+    assert status["phase"] == "Succeeded" and (evaluated["status"], evaluated["reason"]) == (
+        "Unknown", EVALUATED_UNAVAILABLE,
+    ), status  # fmt: skip
+    assert status["evaluation"]["retry_until"] and state.needs_watching(status, doc["spec"], NOW)
+
+    handlers.reconcile(kube, "default", "blip", trigger="test")
+    status = cluster.status("blip")
+    evaluated = next(c for c in status["conditions"] if c["type"] == "Evaluated")
+    assert (evaluated["status"], evaluated["reason"]) == ("True", EVALUATED_PASSED), status
+    assert "retry_until" not in status["evaluation"] and status["evaluation"]["passed"] is True
+    assert [r for _, r in cluster.events("blip") if r.startswith(("Results", "Thresholds"))] == [
+        EVALUATED_UNAVAILABLE, EVALUATED_PASSED,
+    ]  # fmt: skip
 
 
 def test_a_job_without_evaluation_has_no_evaluated_condition() -> None:
