@@ -1,8 +1,8 @@
 """The Evaluated condition: the operator copies <output>/eval/results.json into status.evaluation and
 gates on its thresholds. The state machine's part table by table, the reconcile loop through an S3
-outage, then two jobs end to end on the API
-emulator with the real trainer (LoRA on a tiny model, outputs in S3): one passes its thresholds, one
-does not, and `kubectl wait --for=condition=Evaluated` tells them apart."""
+outage, then two jobs end to end on the API emulator with the real trainer (LoRA on a tiny model,
+outputs in S3): one passes its thresholds, one does not, and `kubectl wait --for=condition=Evaluated`
+tells them apart."""
 
 from __future__ import annotations
 
