@@ -150,6 +150,15 @@ def assert_same_run(env: Env, name: str, ref: Env, after_step: int, tmp: Path) -
         assert torch.equal(restored[k], a[k]), k
 
 
+def kill_rank_1_after_step_2(env: Env, config: Path, name: str) -> None:
+    """Launch the job at 1 s a step and SIGKILL rank 1 once checkpoint 2 has committed."""
+    p = env.launch(config, delay=1.0)
+    wait_until(lambda: any(s >= 2 for s in committed_steps(env, name)), 120, "checkpoint step 2", (p,))
+    pids = wait_until(lambda: worker_pids(p).get(1) and worker_pids(p), 10, "rank 1's pid")
+    os.kill(pids[1], signal.SIGKILL)
+    assert wait(p) not in (0, EXIT_PREEMPTED), tail(p)
+
+
 def test_fsdp_reference_checkpoint_is_sharded(fsdp_ref, tmp_path):
     restored = assert_sharded_checkpoint(fsdp_ref, "fsdp-ref", fsdp_ref.model, tmp_path)
     assert restored
@@ -159,11 +168,7 @@ def test_fsdp_full_finetune_kill_9_then_relaunch_resumes_exactly(fsdp_ref, s3_se
     env = Env(s3_server, fsdp_ref.bucket, tmp_path, fsdp_ref.model)
     config = fsdp_job(env, "fsdp-kill")
     # 1 s a step: after checkpoint 2 commits, the kill lands seconds before the last step
-    p = env.launch(config, delay=1.0)
-    wait_until(lambda: any(s >= 2 for s in committed_steps(env, "fsdp-kill")), 120, "checkpoint step 2", (p,))
-    pids = wait_until(lambda: worker_pids(p).get(1) and worker_pids(p), 10, "rank 1's pid")
-    os.kill(pids[1], signal.SIGKILL)
-    assert wait(p) not in (0, EXIT_PREEMPTED), tail(p)
+    kill_rank_1_after_step_2(env, config, "fsdp-kill")
     assert max(committed_steps(env, "fsdp-kill")) < STEPS
 
     p2 = relaunch_until_done(env, config)
@@ -284,11 +289,7 @@ def test_fsdp_preference_methods_resume_exactly_after_kill_9(method, s3_server, 
     relaunch_until_done(ref, job(ref, "ref"), delay=0)
     env = Env(s3_server, ref.bucket, tmp_path / "kill", fsdp_model)
     config = job(env, "kill")
-    p = env.launch(config, delay=1.0)
-    wait_until(lambda: any(s >= 2 for s in committed_steps(env, "kill")), 120, "checkpoint step 2", (p,))
-    pids = wait_until(lambda: worker_pids(p).get(1) and worker_pids(p), 10, "rank 1's pid")
-    os.kill(pids[1], signal.SIGKILL)
-    assert wait(p) not in (0, EXIT_PREEMPTED), tail(p)
+    kill_rank_1_after_step_2(env, config, "kill")
     p2 = relaunch_until_done(env, config)
     resumed = progress(env, "kill")["resumed_from"]
     assert resumed is not None and 2 <= resumed["step"] < 6, tail(p2)
