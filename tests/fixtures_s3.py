@@ -42,6 +42,7 @@ SECRET_KEY = "kubetune-test-secret-0123456789"
 READONLY_ACCESS_KEY = "kubetune-test-readonly"
 READONLY_SECRET_KEY = "kubetune-test-readonly-secret-9876"
 _N_PORTS = 10
+_MAX_VOLUMES = 1000
 
 
 def _weed_binary() -> str:
@@ -252,6 +253,10 @@ class SeaweedS3:
                 _weed_binary(), "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.config={self.config}", "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
                 "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                # Each bucket is a collection holding at least one volume; the automatic limit
+                # (free disk / volume size) runs out within one test session on a small disk.
+                # Volumes are not preallocated, so a high count costs only what is written.
+                f"-volume.max={_MAX_VOLUMES}",
             ]  # fmt: skip
             for name, port in p.items():
                 args += [f"-{name}.port={port}", f"-{name}.port.grpc={port + 1}"]
@@ -342,6 +347,17 @@ class SeaweedS3:
         name = f"kt-{os.getpid()}-{next(self._buckets)}-{uuid.uuid4().hex[:6]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+    def delete_bucket(self, name: str) -> None:
+        """Empty and delete a test's bucket, so its volume returns to the server."""
+        client = self.client()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        for up in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=name, Key=up["Key"], UploadId=up["UploadId"])
+        client.delete_bucket(Bucket=name)
 
 
 class S3Bucket:
@@ -450,3 +466,4 @@ def s3(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Buck
         yield bucket
     finally:
         bucket.resume()
+        s3_server.delete_bucket(bucket.bucket)
