@@ -272,3 +272,21 @@ def test_resumed_run_is_one_tensorboard_curve_and_one_wandb_run(
     assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {ids["wandb"]["run_id"]}, runs
     assert all(any(r.glob("run-*.wandb")) for r in runs)
     assert json.loads((out / "tracking.json").read_text())["wandb"] == ids["wandb"]
+
+
+def test_a_continued_mlflow_run_says_the_last_step_it_holds_per_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed attempt logs each metric only past these steps (the killed attempt logged the rest)."""
+    import mlflow
+
+    from kubetune_trainer.tracking import last_logged_steps
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("e"))
+    for step in (1, 2, 3):
+        client.log_metric(run.info.run_id, "loss", 1.0 / step, step=step)
+    client.log_metric(run.info.run_id, "eval_loss", 0.5, step=2)
+    assert last_logged_steps(run.info.run_id) == {"loss": 3, "eval_loss": 2}
+    assert last_logged_steps("no-such-run") == {}  # it cannot say: the steps are logged again

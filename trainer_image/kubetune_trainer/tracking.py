@@ -16,8 +16,9 @@ What kubetune adds is that a job is ONE run however often it restarts:
   start-over) starts a new run; ``kubetune run --restart`` removes the file.
 - **Logged steps are on the tracker before their checkpoint commits.** MLflowCallback logs
   asynchronously; on every save rank 0 flushes MLflow's queue (bounded wait), so a kill -9 after a
-  committed checkpoint loses no step the resumed run will not log again. Steps between that checkpoint
-  and the kill are logged twice to MLflow, with the same values (resume is exact).
+  committed checkpoint loses no step the resumed run will not log again. The steps between that
+  checkpoint and the kill, which the resumed attempt repeats, are not logged again: on a continued
+  run each metric is logged only past the last step the run already holds for it.
 - **TensorBoard: one log dir per job**, ``<output>/tensorboard``. A resumed attempt writes a new event
   file whose writer purges from the resume step on (``SummaryWriter(purge_step=)``, TensorBoard's own
   restart marker), so readers see every step once and the step numbers continue. For s3:// outputs
@@ -37,6 +38,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -192,10 +194,11 @@ class Session:
                 for cb in integrations:
                     if isinstance(cb, TensorBoardCallback):
                         cb.tb_writer = SummaryWriter(log_dir=str(logdir), purge_step=self.start_step + 1)
+        continued = self.start_step > 0 and bool(os.environ.get("MLFLOW_RUN_ID"))
         for cb in integrations:
             # after kubetune's ReportingCallback, so tokens_per_second and eta_seconds reach the trackers
             trainer.remove_callback(cb)
-            trainer.add_callback(cb)
+            trainer.add_callback(_continued_mlflow() if continued and isinstance(cb, MLflowCallback) else cb)
         trainer.add_callback(TrackingCallback(self))
 
     def record(self, ids: dict[str, Any]) -> None:
@@ -248,6 +251,49 @@ class TrackingCallback(TrainerCallback):
         if state.is_world_process_zero and "mlflow" in self.session.report_to:
             _flush_mlflow(MLFLOW_FLUSH_SECONDS)
         return control
+
+
+def _continued_mlflow() -> Any:
+    """An MLflowCallback for a continued run that skips, per metric, the steps the run already holds."""
+    from transformers.integrations import MLflowCallback
+
+    class ContinuedMLflowCallback(MLflowCallback):
+        logged: dict[str, int] | None = None
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any, model: Any = None, **kw: Any) -> Any:
+            if state.is_world_process_zero:
+                if self.logged is None:
+                    import mlflow
+
+                    run = mlflow.active_run()  # set up by on_train_begin
+                    self.logged = last_logged_steps(run.info.run_id) if run is not None else {}
+                logs = {
+                    k: v for k, v in logs.items() if state.global_step > self.logged.get(_metric_name(k), -1)
+                }
+                if not logs:
+                    return control
+            return super().on_log(args, state, control, logs, model=model, **kw)
+
+    return ContinuedMLflowCallback()
+
+
+def _metric_name(key: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", key)  # as MLflowCallback names a logged key
+
+
+def last_logged_steps(run_id: str) -> dict[str, int]:
+    """Metric name -> the last step MLflow holds for it in the run ({} when it cannot say)."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient()
+        keys = client.get_run(run_id).data.metrics
+        return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
+    except Exception as e:  # noqa: BLE001 - any tracker failure: log the repeated steps again
+        log.warning(
+            "could not read MLflow run %s's logged steps (%s): resumed steps are logged again", run_id, e
+        )
+        return {}
 
 
 def _flush_mlflow(timeout: float) -> None:
