@@ -245,7 +245,7 @@ def _measured_activations(job: Any, model_dir: Path, batch: int, seq: int, check
     model = model_loading.load_model(model_dir, job.spec, precision)
     model = pet.apply_pet(model, job.spec, plan)
     if checkpointing:  # what the Trainer does for training.gradient_checkpointing
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
