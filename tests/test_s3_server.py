@@ -24,7 +24,7 @@ def test_server_takes_writes_in_more_live_buckets_than_a_session_makes(s3_server
             list(pool.map(s3_server.delete_bucket, names))
 
 
-def test_a_tests_bucket_is_deleted_when_the_test_ends(s3_server):
+def test_a_bucket_with_objects_is_emptied_and_deleted(s3_server):
     client = s3_server.client()
     name = s3_server.new_bucket()
     client.put_object(Bucket=name, Key="a/b", Body=b"v")
